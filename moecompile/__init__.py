@@ -1,0 +1,8 @@
+"""moecompile: a compiler-style graph optimizer for Mixture-of-Experts models in PyTorch."""
+from moecompile import ir  # noqa: F401  (registers the canonical ops)
+from moecompile.api import explain, optimize
+from moecompile.passes import find_moe, lift_moe  # noqa: F401  (registers the passes)
+from moecompile.report import MoELayer, Report
+
+__all__ = ["optimize", "explain", "Report", "MoELayer"]
+__version__ = "0.1.0"

@@ -1,0 +1,66 @@
+"""Public entry points: `optimize(model)` and `explain(model)`."""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from moecompile.passes.registry import CompileContext, Options, run_pipeline
+from moecompile.report import Report
+
+_STATE = "_moecompile"
+
+
+def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
+             validate: bool = True, tolerance: float = 1e-4, pipeline: str = "default") -> nn.Module:
+    """Return an optimized model: same class, call signature, outputs, parameters and state_dict keys.
+
+    The returned module is a structural copy of `model` that shares its `Parameter` objects (so one
+    optimizer trains both, and `model` stays available as the eager reference). MoE blocks are found and
+    rewritten at the first call, with the inputs of that call, or now when `example_inputs` is given.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"moecompile.optimize expects a torch.nn.Module, got {type(model).__name__}")
+    options = Options(validate=validate, tolerance=tolerance, pipeline=pipeline)
+    fast = _share_parameters_copy(model)
+    if example_inputs is not None or example_kwargs is not None:
+        _compile(fast, tuple(example_inputs or ()), dict(example_kwargs or {}), options)
+    else:
+        def first_call(self, *args, **kwargs):
+            del self.forward  # back to the class's forward, then compile with these inputs
+            _compile(self, args, kwargs, options)
+            return self(*args, **kwargs)
+        fast.forward = first_call.__get__(fast)
+        setattr(fast, _STATE, None)
+    return fast
+
+
+def explain(model: nn.Module) -> Report:
+    """What moecompile found and did in `model` (an `optimize()` result)."""
+    ctx = getattr(model, _STATE, False)
+    if ctx is False:
+        raise ValueError("explain() takes a model returned by moecompile.optimize()")
+    if ctx is None:
+        return Report(notes=["not compiled yet: moecompile compiles at the first call "
+                             "(or pass example_inputs= to optimize())"])
+    return ctx.report
+
+
+def _compile(model: nn.Module, args: tuple, kwargs: dict, options: Options) -> None:
+    ctx = CompileContext(model, args, kwargs, options)
+    run_pipeline(ctx)
+    setattr(model, _STATE, ctx)
+
+
+def _share_parameters_copy(module: nn.Module) -> nn.Module:
+    """Copy the module tree (new Module objects, same Parameters and buffers)."""
+    new = copy.copy(module)
+    new.__dict__ = dict(module.__dict__)
+    for attr in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_hooks",
+                 "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        if attr in new.__dict__:
+            new.__dict__[attr] = copy.copy(module.__dict__[attr])
+    new._modules = {k: None if m is None else _share_parameters_copy(m) for k, m in module._modules.items()}
+    return new
+
+

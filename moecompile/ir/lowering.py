@@ -1,0 +1,35 @@
+"""Run one MoE block through the canonical ops, from its `MoESpec` and the block's own parameters."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moecompile.ir import ops
+from moecompile.ir.spec import MoESpec
+
+
+def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
+    """x [..., D] → the block's outputs, in the order `spec.outputs` names them."""
+    r, ex = spec.route, spec.expert
+    tokens = x.reshape(-1, spec.hidden)                                          # [T, D]
+    router_b = spec.router_bias.get(block) if spec.router_bias else None
+    logits = F.linear(tokens, spec.router.get(block), router_b)                  # [T, E]
+    score_bias = spec.score_bias.get(block) if spec.score_bias else None
+    weights, indices, _ = ops.route(logits, score_bias, r.num_experts, r.top_k, r.scoring, r.renormalize,
+                                    r.scale, r.n_group, r.topk_group, r.group_score)  # [T, k] ×2
+    cap = spec.capacity
+    x_perm, order, counts = ops.dispatch(tokens, indices, r.num_experts,
+                                         cap.capacity if cap else -1, cap.group_size if cap else 0)
+    w = {k: v or [] for k, v in spec.weights.fetch(block).items()}
+    y_perm, _, _ = ops.expert_ffn(x_perm, counts, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
+                                  ex.activation, ex.alpha, ex.limit)             # [N, D]
+    fill = tokens if cap and cap.dropped == "identity" else None
+    out = ops.combine(y_perm, order, weights, fill)                              # [T, D]
+    if spec.shared is not None:
+        shared = block.get_submodule(spec.shared)(tokens)
+        if spec.shared_gate is not None:
+            gate_b = spec.shared_gate_bias.get(block) if spec.shared_gate_bias else None
+            shared = torch.sigmoid(F.linear(tokens, spec.shared_gate.get(block), gate_b)) * shared
+        out = out + shared
+    results = {"out": out.view(x.shape).to(x.dtype), "logits": logits}
+    picked = tuple(results[name] for name in spec.outputs)
+    return picked[0] if len(picked) == 1 else picked

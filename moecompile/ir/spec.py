@@ -1,0 +1,116 @@
+"""Canonical description of one MoE block: what the frontend lifts, what the passes and kernels consume.
+
+A `MoESpec` is pure data (no tensors). The weights it talks about are `WeightRef`s: recipes that fetch the
+*original* `Parameter` objects from the block module and take views of them, so the lifted block trains the
+same parameters, under the same `state_dict` keys, as the model it came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+SCORINGS = ("softmax", "sigmoid")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
+ACTIVATIONS = GATED_ACTIVATIONS + ("gelu", "gelu_tanh", "relu", "silu")
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """scores = scoring(logits); experts chosen by top-k of (scores + bias), optionally limited to the best
+    `topk_group` of `n_group` expert groups; weights = scores of the chosen experts, renormalized to sum to
+    one if `renormalize`, times `scale`."""
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = False
+    scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"  # "max" (DeepSeek-V2) or "top2sum" (DeepSeek-V3)
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert: h = act(x W1ᵀ + b1) [* (x W3ᵀ + b3) when gated]; y = h W2ᵀ + b2."""
+    activation: str
+    bias: bool = False
+    alpha: float = 1.702   # clamped_swiglu only
+    limit: float = 7.0     # clamped_swiglu only
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class CapacitySpec:
+    """Fixed per-expert buffers: within each group of `group_size` consecutive tokens (0 = all tokens), an
+    expert takes at most `capacity` token-slots, first come first served. A dropped slot contributes zero, or
+    the token's own input when `dropped == "identity"` (Switch Transformers)."""
+    capacity: int
+    group_size: int = 0
+    dropped: str = "zero"
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A view of one original parameter: `param[index]`, then `.t()` if `transpose`.
+
+    `index` is a tuple of ints/slices applied with ordinary indexing, e.g. (3, slice(0, 64)) picks rows
+    0..63 of expert 3 in a stacked [E, 2F, D] tensor. The result is in nn.Linear layout [out, in]."""
+    name: str
+    index: tuple = ()
+    transpose: bool = False
+
+    def get(self, module: nn.Module) -> torch.Tensor:
+        w = module.get_parameter(self.name)
+        if self.index:
+            w = w[self.index]
+        return w.t() if self.transpose else w
+
+
+@dataclass
+class ExpertWeights:
+    """Per-expert WeightRefs (lists of length E); w3/b* are None when absent."""
+    w1: list[WeightRef]
+    w2: list[WeightRef]
+    w3: list[WeightRef] | None = None
+    b1: list[WeightRef] | None = None
+    b2: list[WeightRef] | None = None
+    b3: list[WeightRef] | None = None
+
+    def fetch(self, module: nn.Module) -> dict[str, list[torch.Tensor] | None]:
+        return {k: None if refs is None else [r.get(module) for r in refs]
+                for k, refs in vars(self).items()}
+
+
+@dataclass
+class MoESpec:
+    """Everything needed to run a block through the canonical ops.
+
+    `shared` names a dense submodule every token passes (a shared expert); `shared_gate`, if set, is a
+    [1, D] weight (plus optional bias) whose sigmoid(x·w + b) scales the shared output. `outputs` says what the block returns, in
+    order: "out" (the block's result) and/or "logits" (router logits, for auxiliary losses)."""
+    hidden: int
+    route: RouteSpec
+    expert: ExpertSpec
+    router: WeightRef
+    weights: ExpertWeights
+    router_bias: WeightRef | None = None
+    score_bias: WeightRef | None = None
+    capacity: CapacitySpec | None = None
+    shared: str | None = None
+    shared_gate: WeightRef | None = None
+    shared_gate_bias: WeightRef | None = None
+    outputs: tuple[str, ...] = ("out",)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_experts(self) -> int:
+        return self.route.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.route.top_k

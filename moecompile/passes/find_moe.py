@@ -1,0 +1,18 @@
+"""find_moe: locate every place the model routes tokens.
+
+Contract:   ctx.model runs once on ctx.args/kwargs (no grad); ctx.sites gets one Site per innermost module
+            that executed a top-k-like selection, with the inputs of every enclosing module.
+Invariants: the model's parameters and outputs are untouched; nothing is rewritten.
+Pseudo-code:
+    with spy(on=[topk, max.dim, argmax]): model(*args)
+    for each selection: sites[innermost module] = (module stack, inputs of each module on the stack)
+"""
+from moecompile.frontend.capture import find_routing_sites
+from moecompile.passes.registry import CompileContext, register_pass
+
+
+@register_pass("find_moe")
+def find_moe(ctx: CompileContext) -> None:
+    ctx.sites = find_routing_sites(ctx.model, ctx.args, ctx.kwargs)
+    if not ctx.sites:
+        ctx.report.notes.append("no MoE blocks found: the model runs unchanged")

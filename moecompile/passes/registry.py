@@ -1,0 +1,49 @@
+"""Passes are data: each is a function `pass_(ctx)` registered under a name; pipelines are lists of names."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from moecompile.frontend.capture import Site
+from moecompile.ir.spec import MoESpec
+from moecompile.report import Report
+
+
+@dataclass
+class Options:
+    validate: bool = True          # translation validation of every rewrite
+    tolerance: float = 1e-4        # max relative error accepted by validation (fp32)
+    pipeline: str = "default"
+
+
+@dataclass
+class CompileContext:
+    """What passes read and write. `model` is the optimized copy (sharing parameters with the original)."""
+    model: nn.Module
+    args: tuple
+    kwargs: dict
+    options: Options
+    report: Report = field(default_factory=Report)
+    sites: list[Site] = field(default_factory=list)
+    blocks: dict[str, MoESpec] = field(default_factory=dict)   # lifted blocks by qualified name
+
+
+PASSES: dict[str, Callable[[CompileContext], None]] = {}
+PIPELINES: dict[str, list[str]] = {"default": ["find_moe", "lift_moe"], "none": []}
+
+
+def register_pass(name: str):
+    def wrap(fn):
+        PASSES[name] = fn
+        return fn
+    return wrap
+
+
+def run_pipeline(ctx: CompileContext) -> None:
+    if ctx.options.pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline {ctx.options.pipeline!r}; known: {sorted(PIPELINES)}")
+    for name in PIPELINES[ctx.options.pipeline]:
+        PASSES[name](ctx)
+        ctx.report.passes.append(name)

@@ -1,0 +1,75 @@
+"""What `explain()` returns: every MoE block found, whether it was rewritten, and why not."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+from moecompile.ir.spec import MoESpec
+
+
+@dataclass
+class MoELayer:
+    name: str                    # qualified module name in the original model
+    num_experts: int | None
+    top_k: int | None
+    scoring: str | None
+    rewritten: bool
+    reason: str | None = None    # why not rewritten, or None
+    spec: MoESpec | None = None
+
+    @property
+    def details(self) -> str:
+        s = self.spec
+        if s is None:
+            return ""
+        parts = [s.expert.activation + (" +bias" if s.expert.bias else "")]
+        if s.route.renormalize:
+            parts.append("renorm")
+        if s.route.scale != 1.0:
+            parts.append(f"scale {s.route.scale:g}")
+        if s.route.n_group > 1:
+            parts.append(f"groups {s.route.topk_group}/{s.route.n_group}")
+        if s.score_bias:
+            parts.append("score bias")
+        if s.capacity:
+            parts.append(f"capacity {s.capacity.capacity}")
+        if s.shared:
+            parts.append("shared expert" + (" (gated)" if s.shared_gate else ""))
+        return ", ".join(parts)
+
+
+@dataclass
+class Report:
+    moe_layers: list[MoELayer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)
+
+    def __rich__(self) -> Table:
+        t = Table(title=f"moecompile: {len(self.moe_layers)} MoE block(s), "
+                        f"{sum(m.rewritten for m in self.moe_layers)} rewritten",
+                  caption="\n".join(self.notes) or None, caption_justify="left")
+        for col in ("block", "experts", "top-k", "scoring", "rewritten", "details / reason"):
+            t.add_column(col, overflow="fold")
+        for m in self.moe_layers:
+            t.add_row(m.name, _s(m.num_experts), _s(m.top_k), _s(m.scoring),
+                      "[green]yes[/]" if m.rewritten else "[red]no[/]", m.reason or m.details)
+        return t
+
+    def __str__(self) -> str:
+        console = Console(width=120, record=True, file=_Null(), color_system=None)
+        console.print(self)
+        return console.export_text().rstrip()
+
+
+def _s(v) -> str:
+    return "-" if v is None else str(v)
+
+
+class _Null:
+    def write(self, _):
+        pass
+
+    def flush(self):
+        pass

@@ -1,0 +1,51 @@
+"""Tiny random-weight Hugging Face MoE models (no downloads), one per family the frontend must handle."""
+import torch
+
+V = 128
+
+
+def mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0,
+        max_position_embeddings=64))
+
+
+def qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+        max_position_embeddings=64))
+
+
+def deepseek_v2():
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    return DeepseekV2ForCausalLM(DeepseekV2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=2, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+        routed_scaling_factor=2.0, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64))
+
+
+def switch():
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(
+        vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2, num_decoder_layers=2,
+        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=4,
+        router_jitter_noise=0.0, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))
+
+
+FAMILIES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "deepseek_v2": deepseek_v2, "switch": switch}
+
+
+def inputs(family: str, seed: int = 0):
+    """(args, kwargs) for a training call that returns a loss."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (2, 12), generator=g)
+    if family == "switch":
+        return (), {"input_ids": ids, "labels": torch.randint(1, V, (2, 7), generator=g)}
+    return (ids,), {"labels": ids}

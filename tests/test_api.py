@@ -1,0 +1,97 @@
+"""optimize()/explain() behaviour a user relies on: same parameters, clear reasons, nothing silently wrong."""
+import pytest
+import torch
+from torch import nn
+
+import moecompile
+from moecompile.models import gpt_dense, gpt_moe
+from tests.zoo import LoopBank, Net, NotMoE
+
+
+class TanhBank(LoopBank):
+    """An MoE whose experts use tanh, which the canonical expert op does not have."""
+
+    def __init__(self):
+        super().__init__()
+        for w in self.workers:
+            w.forward = lambda x, w=w: w.c(torch.tanh(w.a(x)) * w.b(x))
+
+
+class SquaredWeights(LoopBank):
+    """Routing weights squared after top-k: reads like softmax + top-k, computes something else."""
+
+    def forward(self, x):
+        B, S, D = x.shape
+        x = x.reshape(-1, D)
+        w, idx = self.scorer(x).softmax(-1).topk(self.k, dim=-1)
+        from tests.zoo import _loop_dispatch
+        return _loop_dispatch(x, self.workers, w * w, idx).view(B, S, D)
+
+
+def test_shares_parameters_and_state_dict_keys():
+    eager = gpt_moe(n_layer=2, d_model=32, d_ff=64)
+    idx = torch.randint(0, 256, (1, 8))
+    fast = moecompile.optimize(eager, (idx,))
+    assert all(a is b for a, b in zip(eager.parameters(), fast.parameters()))
+    assert list(fast.state_dict()) == list(eager.state_dict())
+    assert type(fast) is type(eager)
+    opt = torch.optim.SGD(fast.parameters(), lr=0.1)   # training the fast model trains the original
+    before = eager.lm_head.weight.detach().clone()
+    fast(idx, idx)[1].backward()
+    opt.step()
+    assert not torch.equal(before, eager.lm_head.weight)
+    assert eager.blocks[1].ffn.forward.__func__ is type(eager.blocks[1].ffn).forward  # original untouched
+
+
+def test_explain_before_first_call_says_so():
+    fast = moecompile.optimize(gpt_moe(n_layer=2, d_model=32, d_ff=64))
+    assert "not compiled yet" in str(moecompile.explain(fast))
+    fast(torch.randint(0, 256, (1, 8)))
+    assert len(moecompile.explain(fast).moe_layers) == 1
+
+
+def test_model_without_moe_is_returned_working_and_unchanged():
+    eager = gpt_dense(n_layer=2, d_model=32, d_ff=64)
+    idx = torch.randint(0, 256, (2, 8))
+    fast = moecompile.optimize(eager)
+    assert torch.equal(fast(idx)[0], eager(idx)[0])
+    report = moecompile.explain(fast)
+    assert report.moe_layers == [] and "no MoE blocks found" in str(report)
+
+
+def test_topk_that_is_not_routing_is_not_an_moe():
+    fast = moecompile.optimize(Net(NotMoE()), (torch.randn(2, 8, 32),))
+    report = moecompile.explain(fast)
+    assert report.moe_layers == []
+    assert any("block" in n and "not MoE routing" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("bank,reason", [(TanhBank, "unrecognized expert activation"),
+                                         (SquaredWeights, "translation validation failed")])
+def test_unsupported_block_is_left_alone_with_a_reason(bank, reason):
+    torch.manual_seed(0)
+    eager = Net(bank())
+    x = torch.randn(2, 8, 32)
+    fast = moecompile.optimize(eager, (x,))
+    (layer,) = moecompile.explain(fast).moe_layers
+    assert layer.name == "block" and not layer.rewritten and reason in layer.reason
+    assert "block" in str(moecompile.explain(fast))
+    assert torch.equal(fast(x), eager(x))
+
+
+def test_validate_false_trusts_the_analysis():
+    torch.manual_seed(0)
+    eager = Net(SquaredWeights())
+    x = torch.randn(2, 8, 32)
+    fast = moecompile.optimize(eager, (x,), validate=False)
+    assert moecompile.explain(fast).moe_layers[0].rewritten
+    assert not torch.allclose(fast(x), eager(x))  # exactly why validation is on by default
+
+
+def test_bad_input_gives_clear_errors():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        moecompile.optimize(lambda x: x)
+    with pytest.raises(ValueError, match="returned by moecompile.optimize"):
+        moecompile.explain(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown pipeline"):
+        moecompile.optimize(nn.Linear(2, 2), (torch.randn(1, 2),), pipeline="nope")

@@ -1,0 +1,141 @@
+"""Hand-written MoE blocks for detection tests, deliberately named so no name gives them away.
+
+Each block maps x [B, S, D] → [B, S, D] and takes (d, f, e, k) = (model width, hidden width, experts,
+experts per token). A detector must find them from the graph alone: no attribute or class name here
+contains "expert", "gate", "router" or "moe". Shapes: T = B·S tokens, E = e, K = k.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SwiGLU(nn.Module):
+    """c(silu(a(x)) * b(x)), no biases."""
+
+    def __init__(self, d, f):
+        super().__init__()
+        self.a = nn.Linear(d, f, bias=False)
+        self.b = nn.Linear(d, f, bias=False)
+        self.c = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.c(F.silu(self.a(x)) * self.b(x))
+
+
+class ReluMLP(nn.Module):
+    """q(relu(p(x))), with biases."""
+
+    def __init__(self, d, f):
+        super().__init__()
+        self.p = nn.Linear(d, f)
+        self.q = nn.Linear(f, d)
+
+    def forward(self, x):
+        return self.q(F.relu(self.p(x)))
+
+
+def _loop_dispatch(x, workers, weights, idx):
+    """Sum of workers[idx[t, j]](x[t]) · weights[t, j] over slots j; x [T, D], weights/idx [T, K]."""
+    out = torch.zeros_like(x)
+    for i, worker in enumerate(workers):
+        token, slot = torch.where(idx == i)                                   # [n], [n]
+        out.index_add_(0, token, worker(x[token]) * weights[token, slot, None])
+    return out
+
+
+class LoopBank(nn.Module):
+    """Softmax top-k renormalised over SwiGLU workers, dispatched by a Python loop."""
+
+    def __init__(self, d=32, f=64, e=4, k=2):
+        super().__init__()
+        self.k = k
+        self.scorer = nn.Linear(d, e, bias=False)
+        self.workers = nn.ModuleList(SwiGLU(d, f) for _ in range(e))
+
+    def forward(self, x):
+        B, S, D = x.shape
+        x = x.reshape(-1, D)                                                  # [T, D]
+        w, idx = self.scorer(x).softmax(-1).topk(self.k, dim=-1)             # [T, K]
+        w = w / w.sum(-1, keepdim=True)
+        return _loop_dispatch(x, self.workers, w, idx).view(B, S, D)
+
+
+class EinsumBank(nn.Module):
+    """Sigmoid top-k renormalised over stacked GELU weights, computed by gathering each slot's weights."""
+
+    def __init__(self, d=32, f=64, e=4, k=2):
+        super().__init__()
+        self.k = k
+        self.w_pick = nn.Parameter(torch.randn(e, d) * d**-0.5)               # [E, D]
+        self.up = nn.Parameter(torch.randn(e, d, f) * d**-0.5)                # [E, D, F]  (in, out)
+        self.down = nn.Parameter(torch.randn(e, f, d) * f**-0.5)              # [E, F, D]
+
+    def forward(self, x):
+        B, S, D = x.shape
+        x = x.reshape(-1, D)                                                  # [T, D]
+        w, idx = (x @ self.w_pick.t()).sigmoid().topk(self.k, dim=-1)         # [T, K]
+        w = w / w.sum(-1, keepdim=True)
+        h = F.gelu(torch.einsum("td,tkdf->tkf", x, self.up[idx]))             # [T, K, F]
+        y = torch.einsum("tkf,tkfd->tkd", h, self.down[idx])                  # [T, K, D]
+        return (y * w.unsqueeze(-1)).sum(1).view(B, S, D)
+
+
+class BiasedBank(nn.Module):
+    """Top-1 over biased ReLU workers weighted by the softmax probability, plus an always-on SwiGLU path
+    scaled by sigmoid(mix(x)): a shared expert with its own gate."""
+
+    def __init__(self, d=32, f=64, e=4, k=1):
+        super().__init__()
+        self.k = k
+        self.scorer = nn.Linear(d, e, bias=False)
+        self.workers = nn.ModuleList(ReluMLP(d, f) for _ in range(e))
+        self.common = SwiGLU(d, f)
+        self.mix = nn.Linear(d, 1)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        x = x.reshape(-1, D)                                                  # [T, D]
+        # no renormalisation: the chosen probability itself is the weight, so the scorer gets gradient
+        w, idx = self.scorer(x).softmax(-1).topk(self.k, dim=-1)             # [T, K]
+        routed = _loop_dispatch(x, self.workers, w, idx)                      # [T, D]
+        return (routed + torch.sigmoid(self.mix(x)) * self.common(x)).view(B, S, D)
+
+
+class NotMoE(nn.Module):
+    """Negative case: top-k used to sparsify causal attention (each query keeps its k best keys), then a
+    dense MLP. e is the head count; nothing is routed."""
+
+    def __init__(self, d=32, f=64, e=4, k=2):
+        super().__init__()
+        self.k, self.heads = k, e
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.fc1 = nn.Linear(d, f)
+        self.fc2 = nn.Linear(f, d)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)   # [B, H, S, Dh]
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5                       # [B, H, S, S]
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        kth = scores.topk(min(self.k, S), dim=-1).values[..., -1:]                   # [B, H, S, 1]
+        # early queries have fewer than k keys: kth is -inf there and every visible key is kept
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D)
+        x = x + self.out(y)
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    """Embedding-free wrapper: Linear → block → LayerNorm → Linear to 8 logits, to find a block in context."""
+
+    def __init__(self, block, d=32):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.block = block
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 8)
+
+    def forward(self, x):
+        return self.head(self.norm(self.block(self.inp(x))))                  # [B, S, 8]
