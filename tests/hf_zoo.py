@@ -39,7 +39,38 @@ def switch():
         router_jitter_noise=0.0, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))
 
 
-FAMILIES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "deepseek_v2": deepseek_v2, "switch": switch}
+def deepseek_v3():
+    """Sigmoid scoring with a score-correction bias (a buffer), group score = sum of the top-2, renorm."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    return _nonzero_biases(DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+        max_position_embeddings=64, norm_topk_prob=True)))
+
+
+def gpt_oss():
+    """Clamped SwiGLU, interleaved gate/up in [in, out] layout, expert and router biases, top-k → softmax."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+    return _nonzero_biases(GptOssForCausalLM(GptOssConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})))
+
+
+def _nonzero_biases(model):
+    """Biases start at zero; make them matter so a misread bias cannot pass."""
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("bias") and t.is_floating_point():
+                t.normal_(0, 0.1)
+    return model
+
+
+FAMILIES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "deepseek_v2": deepseek_v2, "switch": switch,
+            "deepseek_v3": deepseek_v3, "gpt_oss": gpt_oss}
 
 
 def inputs(family: str, seed: int = 0):

@@ -59,11 +59,28 @@ def test_model_without_moe_is_returned_working_and_unchanged():
     assert report.moe_layers == [] and "no MoE blocks found" in str(report)
 
 
+class TopKPool(nn.Module):
+    """Keeps each token's 4 largest features: a top-k over [B, S, D] that routes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.proj(x)
+        kth = h.topk(4, dim=-1).values[..., -1:]
+        return h * (h >= kth)
+
+
 def test_topk_that_is_not_routing_is_not_an_moe():
-    fast = moecompile.optimize(Net(NotMoE()), (torch.randn(2, 8, 32),))
+    x = torch.randn(2, 8, 32)
+    report = moecompile.explain(moecompile.optimize(Net(NotMoE()), (x,)))   # top-k over attention scores
+    assert report.moe_layers == [] and "no MoE blocks found" in str(report)
+    fast = moecompile.optimize(Net(TopKPool()), (x,))                       # top-k over features
     report = moecompile.explain(fast)
     assert report.moe_layers == []
     assert any("block" in n and "not MoE routing" in n for n in report.notes)
+    assert torch.equal(fast(x), Net.forward(fast, x))
 
 
 @pytest.mark.parametrize("bank,reason", [(TanhBank, "unrecognized expert activation"),

@@ -13,6 +13,10 @@ EXPECTED_HF = {  # family → (blocks, experts, top-k, scoring, details that mus
     "qwen2_moe": (2, 8, 2, "softmax", dict(renormalize=True, activation="swiglu", shared=True, shared_gate=True)),
     "deepseek_v2": (1, 8, 2, "softmax", dict(n_group=4, topk_group=2, scale=2.0, shared=True, shared_gate=False)),
     "switch": (2, 4, 1, "softmax", dict(capacity=4, activation="relu")),
+    "deepseek_v3": (1, 8, 2, "sigmoid", dict(score_bias=True, n_group=4, topk_group=2, scale=2.5,
+                                              renormalize=True, shared=True)),
+    "gpt_oss": (2, 4, 2, "softmax", dict(activation="clamped_swiglu", bias=True, router_bias=True,
+                                         renormalize=True)),
 }
 
 
@@ -22,7 +26,8 @@ def check_layer(layer, E, k, scoring, details):
     s = layer.spec
     facts = dict(renormalize=s.route.renormalize, activation=s.expert.activation, shared=s.shared is not None,
                  shared_gate=s.shared_gate is not None, n_group=s.route.n_group, topk_group=s.route.topk_group,
-                 scale=s.route.scale, capacity=s.capacity.capacity if s.capacity else None)
+                 scale=s.route.scale, capacity=s.capacity.capacity if s.capacity else None,
+                 score_bias=s.score_bias is not None, bias=s.expert.bias, router_bias=s.router_bias is not None)
     assert {key: facts[key] for key in details} == details
 
 

@@ -119,17 +119,20 @@ def analyze(rec: Recording, block: torch.nn.Module) -> MoESpec:
             and shape(n.args[0])[-1:] == (E,) and g.depends(n, router_mm)]
     top_k = max(n.args[1] if n.target is aten.topk.default else 1 for n in sels)
     route_nodes = set().union(*(g.between(router_mm, n) for n in sels))
+    matmuls = [n for n in rec.graph.nodes if n.op == "call_function" and n.target in MATMULS]
+    # experts are the matmuls that depend on *which* experts were chosen (a top-k's values alone are not routing)
+    chosen = [n for n in sels if n.target is aten.argmax.default] + \
+        [u for n in sels for u in n.users if u.target is getitem and u.args[1] == 1]
+    routed = [m for m in matmuls if any(g.depends(m, n) for n in chosen)]
+    dense = [m for m in matmuls if m not in routed and m is not router_mm]
+    if not routed:
+        raise Unsupported("a router and a top-k were found, but no expert matmul uses the selection", stage=1)
     targets = {n.target for n in route_nodes}
     scoring = "softmax" if targets & {aten._softmax.default, aten.softmax.int} else \
         "sigmoid" if aten.sigmoid.default in targets else None
     notes = []
 
     weights_root = _weights_root(g, sels)
-    matmuls = [n for n in rec.graph.nodes if n.op == "call_function" and n.target in MATMULS]
-    routed = [m for m in matmuls if any(g.depends(m, n) for n in sels)]
-    dense = [m for m in matmuls if m not in routed and m is not router_mm]
-    if not routed:
-        raise Unsupported("a router and a top-k were found, but no expert matmul uses the selection", stage=1)
     weight_chain = nx.descendants(g.dag, weights_root) - set().union(*(nx.descendants(g.dag, m) | {m} for m in routed))
     weight_chain.add(weights_root)
     renormalize = _renormalizes(weight_chain)
@@ -149,7 +152,7 @@ def analyze(rec: Recording, block: torch.nn.Module) -> MoESpec:
 
     expert, weights = _experts(g, routed, router_mm, x, E, D)
     shared, (shared_gate, shared_gate_bias) = _shared(g, dense, block, D)
-    outputs = _outputs(g, rec, x, router_mm, routed)
+    outputs = _outputs(g, rec, x, router_mm, routed, weight_chain)
     return MoESpec(hidden=D, route=route, expert=expert, router=WeightRef(router_name),
                    weights=weights, router_bias=_bias_of(g, router_mm), score_bias=score_bias,
                    capacity=_capacity(g, sels), shared=shared, shared_gate=shared_gate,
@@ -311,9 +314,17 @@ def nx_dep(a, root) -> bool:
     return False
 
 
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.slice.Tensor}
+
+
+def _split_base(mm):
+    """The node a fused projection is split from: the matmul, or its in-place/out-of-place bias add."""
+    adds = [u for u in mm.users if u.target in (aten.add.Tensor, aten.add_.Tensor)]
+    return adds[0] if len(mm.users) == 1 and adds else mm
+
+
 def _is_split(mm, body) -> bool:
-    return any(u.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
-                            aten.slice.Tensor) for u in mm.users if u in body)
+    return any(u.target in SPLITS for u in _split_base(mm).users if u in body)
 
 
 NONLINEAR = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default}
@@ -332,7 +343,7 @@ def _gate_and_up(g: Reader, feeding, activation, body, m2):
         return (a, b) if a_gate else (b, a)
     m, act, name, chain, bias = feeding[0]
     parts = []
-    for u in m.users:
+    for u in _split_base(m).users:
         if u.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
             size = shape(m)[-1] // 2
             for item in u.users:
@@ -468,18 +479,21 @@ def _capacity(g: Reader, sels) -> CapacitySpec | None:
     return None  # a cumsum without a comparison is just group offsets (grouped-GEMM dispatch)
 
 
-def _outputs(g: Reader, rec: Recording, x, router_mm, routed) -> tuple[str, ...]:
+def _outputs(g: Reader, rec: Recording, x, router_mm, routed, weight_chain) -> tuple[str, ...]:
+    """What each block output is: "out" (the MoE result), "logits" [T, E] or "weights" [T, k]."""
     names = []
     for o in rec.outputs:
         if o is None:
             raise Unsupported("the block returns something other than tensors")
         if shape(o) == shape(x) and any(g.depends(o, m) for m in routed):
             names.append("out")
+        elif o in weight_chain and len(shape(o)) == 2:
+            names.append("weights")
         elif g.depends(o, router_mm) and not any(g.depends(o, m) for m in routed) and \
                 shape(o)[-1:] == shape(router_mm)[-1:] and len(shape(o)) == 2:
             names.append("logits")
         else:
-            raise Unsupported(f"block output {shape(o)} is neither the MoE result nor router logits")
+            raise Unsupported(f"block output {shape(o)} is not the MoE result, router logits or weights")
     if names.count("out") != 1:
         raise Unsupported("the block does not return exactly one MoE result")
     return tuple(names)

@@ -50,7 +50,8 @@ def find_routing_sites(model: nn.Module, args: tuple, kwargs: dict) -> list[Site
 
     class Spy(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, a=(), kw=None):
-            if func in SELECTIONS and stack and stack[-1][0] not in sites:
+            # routing scores are [T, E] or [B, S, E]; a 4-D max is attention (softmax stability, sinks)
+            if func in SELECTIONS and stack and stack[-1][0] not in sites and a[0].dim() <= 3:
                 sites[stack[-1][0]] = Site([s[0] for s in stack], {s[0]: (s[1], s[2]) for s in stack})
             return func(*a, **(kw or {}))
 

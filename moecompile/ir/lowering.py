@@ -20,7 +20,7 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     x_perm, order, counts = ops.dispatch(tokens, indices, r.num_experts,
                                          cap.capacity if cap else -1, cap.group_size if cap else 0)
     w = {k: v or [] for k, v in spec.weights.fetch(block).items()}
-    y_perm, _, _ = ops.expert_ffn(x_perm, counts, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
+    y_perm, *_ = ops.expert_ffn(x_perm, counts, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
                                   ex.activation, ex.alpha, ex.limit)             # [N, D]
     fill = tokens if cap and cap.dropped == "identity" else None
     out = ops.combine(y_perm, order, weights, fill)                              # [T, D]
@@ -30,6 +30,6 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
             gate_b = spec.shared_gate_bias.get(block) if spec.shared_gate_bias else None
             shared = torch.sigmoid(F.linear(tokens, spec.shared_gate.get(block), gate_b)) * shared
         out = out + shared
-    results = {"out": out.view(x.shape).to(x.dtype), "logits": logits}
+    results = {"out": out.view(x.shape).to(x.dtype), "logits": logits, "weights": weights}
     picked = tuple(results[name] for name in spec.outputs)
     return picked[0] if len(picked) == 1 else picked

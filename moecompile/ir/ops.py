@@ -40,7 +40,7 @@ def _route_setup(ctx, inputs, output):
 
 def _route_backward(ctx, grad_weights, _grad_indices, _grad_counts):
     logits, indices = ctx.saved_tensors
-    grad = native.route_backward(grad_weights, logits, None, indices, ctx.scoring, ctx.renormalize, ctx.scale)
+    grad = native.route_backward(grad_weights, logits, indices, ctx.scoring, ctx.renormalize, ctx.scale)
     return (grad,) + (None,) * 9
 
 
@@ -76,12 +76,13 @@ dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
 
 
 # ---- expert_ffn: grouped GEMMs over contiguous expert row blocks: x_perm [N, D] → y [N, D] ---------------
-# Also returns the pre-activations g, u [N, F] (u is [0, F] when not gated): saved for the backward.
+# Also returns g (pre-activation), a = act(g), u (up projection), h = a·u, each [N, F], for the backward
+# (u and h are [0, F] when not gated, where h is a).
 # An absent weight list (w3 when not gated, biases) is passed as [] (the schema has no optional lists).
 @torch.library.custom_op("moecompile::expert_ffn", mutates_args=())
 def expert_ffn(x_perm: Tensor, counts: Tensor, w1: Tensors, w2: Tensors, w3: Tensors,
                b1: Tensors, b2: Tensors, b3: Tensors,
-               activation: str, alpha: float, limit: float) -> tuple[Tensor, Tensor, Tensor]:
+               activation: str, alpha: float, limit: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return native.expert_ffn_forward(x_perm, counts, w1, w2, w3 or None, b1 or None, b2 or None, b3 or None,
                                      activation, alpha, limit)
 
@@ -89,21 +90,23 @@ def expert_ffn(x_perm: Tensor, counts: Tensor, w1: Tensors, w2: Tensors, w3: Ten
 @expert_ffn.register_fake
 def _(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, alpha, limit):
     N, F_ = x_perm.shape[0], w1[0].shape[0]
-    return (x_perm.new_empty(N, w2[0].shape[0]), x_perm.new_empty(N, F_),
-            x_perm.new_empty(N if w3 else 0, F_))
+    gated_rows = N if w3 else 0
+    return (x_perm.new_empty(N, w2[0].shape[0]), x_perm.new_empty(N, F_), x_perm.new_empty(N, F_),
+            x_perm.new_empty(gated_rows, F_), x_perm.new_empty(gated_rows, F_))
 
 
 def _ffn_setup(ctx, inputs, output):
     x_perm, counts, w1, w2, w3, b1, _, _, ctx.activation, ctx.alpha, ctx.limit = inputs
+    ctx.set_materialize_grads(False)  # g and u are outputs only to be saved: no [N, F] zero gradients
     ctx.num_experts, ctx.gated, ctx.has_bias = len(w1), bool(w3), bool(b1)
-    ctx.save_for_backward(x_perm, counts, output[1], output[2], *w1, *w2, *w3)
+    ctx.save_for_backward(x_perm, counts, *output[1:], *w1, *w2, *w3)
 
 
-def _ffn_backward(ctx, grad_y, _grad_g, _grad_u):
-    x_perm, counts, g_all, u_all, *ws = ctx.saved_tensors
-    E = ctx.num_experts
+def _ffn_backward(ctx, grad_y, *_grad_saved):
+    x_perm, counts, *rest = ctx.saved_tensors
+    saved, ws, E = rest[:4], rest[4:], ctx.num_experts
     w1, w2, w3 = ws[:E], ws[E:2 * E], (ws[2 * E:] if ctx.gated else None)
-    grad_x, grads = native.expert_ffn_backward(grad_y, x_perm, counts, g_all, u_all, w1, w2, w3,
+    grad_x, grads = native.expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3,
                                                ctx.has_bias, ctx.activation, ctx.alpha, ctx.limit)
     lists = [grads[name] or [] for name in ("w1", "w2", "w3", "b1", "b2", "b3")]
     return (grad_x, None, *lists, None, None, None)

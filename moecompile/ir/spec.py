@@ -65,7 +65,8 @@ class WeightRef:
     transpose: bool = False
 
     def get(self, module: nn.Module) -> torch.Tensor:
-        w = module.get_parameter(self.name)
+        owner, _, attr = self.name.rpartition(".")
+        w = getattr(module.get_submodule(owner), attr)  # a parameter or a buffer (score bias)
         if self.index:
             w = w[self.index]
         return w.t() if self.transpose else w
@@ -92,7 +93,8 @@ class MoESpec:
 
     `shared` names a dense submodule every token passes (a shared expert); `shared_gate`, if set, is a
     [1, D] weight (plus optional bias) whose sigmoid(x·w + b) scales the shared output. `outputs` says what the block returns, in
-    order: "out" (the block's result) and/or "logits" (router logits, for auxiliary losses)."""
+    order: "out" (the block's result), "logits" (router logits [T, E], for auxiliary losses) or
+    "weights" (the routing weights [T, k])."""
     hidden: int
     route: RouteSpec
     expert: ExpertSpec

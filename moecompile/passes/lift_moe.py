@@ -60,7 +60,12 @@ def _lift_site(ctx: CompileContext, site: Site, others: list[Site]) -> MoELayer 
         block = ctx.model.get_submodule(name)
         args, kwargs = site.inputs[name]
         try:
-            spec = analyze(record(block, args, kwargs), block)
+            recording = record(block, args, kwargs)
+        except Exception as e:  # e.g. inputs that were consumed (a KV cache): cannot inspect, not evidence
+            log.info("moecompile: could not re-run %s to inspect it: %r", name, e)
+            continue
+        try:
+            spec = analyze(recording, block)
         except Unsupported as e:
             if best is None or e.stage > best[0].stage:
                 best = (e, name)
@@ -70,7 +75,7 @@ def _lift_site(ctx: CompileContext, site: Site, others: list[Site]) -> MoELayer 
             best = (Unsupported(f"internal error while reading the block: {e!r}", stage=2), name)
             continue
         return _install(ctx, name, block, spec, args, kwargs)
-    if best is None or best[0].stage == 0:
+    if best is None or best[0].stage <= 1:  # no router, or a router with no experts: not an MoE
         ctx.report.notes.append(f"top-k in {site.stack[-1] or 'the model'} is not MoE routing (no router)")
         return None
     err, name = best
