@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from moecompile.passes.registry import CompileContext, Options, run_pipeline
@@ -47,8 +48,18 @@ def explain(model: nn.Module) -> Report:
 
 
 def _compile(model: nn.Module, args: tuple, kwargs: dict, options: Options) -> None:
+    """Run the pipeline without side effects on the user's state: compiling runs the model (to find and
+    validate blocks), which would otherwise advance the RNG (dropout, jitter) and running statistics."""
     ctx = CompileContext(model, args, kwargs, options)
-    run_pipeline(ctx)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            run_pipeline(ctx)
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
     setattr(model, _STATE, ctx)
 
 

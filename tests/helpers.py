@@ -22,8 +22,7 @@ def first_output(out) -> torch.Tensor:
 
 def assert_same_training_step(eager, fast, args, kwargs, rtol=1e-4):
     """fast(*args) == eager(*args): first output, loss, and the gradient of every parameter."""
-    params = dict(eager.named_parameters())
-    assert dict(fast.named_parameters()).keys() == params.keys()
+    params = dict(eager.named_parameters())  # fast shares these Parameter objects
     results = []
     for m in (eager, fast):
         for p in params.values():

@@ -5,6 +5,7 @@ from torch import nn
 
 import moecompile
 from moecompile.models import gpt_dense, gpt_moe
+from tests.helpers import assert_same_training_step
 from tests.zoo import LoopBank, Net, NotMoE
 
 
@@ -112,3 +113,40 @@ def test_bad_input_gives_clear_errors():
         moecompile.explain(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown pipeline"):
         moecompile.optimize(nn.Linear(2, 2), (torch.randn(1, 2),), pipeline="nope")
+
+
+def test_optimized_model_traces_with_the_canonical_ops():
+    """The custom ops have fake implementations: export sees them, Dynamo compiles without graph breaks."""
+    torch.manual_seed(0)
+    eager = gpt_moe(n_layer=2, d_model=32, d_ff=64)
+    idx = torch.randint(0, 256, (2, 8))
+    fast = moecompile.optimize(eager, (idx,))
+    ops = [str(n.target) for n in torch.export.export(fast, (idx,)).graph.nodes if "moecompile" in str(n.target)]
+    assert ops == ["moecompile.route.default", "moecompile.dispatch.default", "moecompile.expert_ffn.default",
+                   "moecompile.combine.default"]
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    assert_same_training_step(eager, compiled, (idx, idx), {})
+
+
+class NoisyBank(LoopBank):
+    """Keeps running statistics and uses dropout before routing: compiling must not advance either."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(32)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        return super().forward(self.drop(self.norm(x.reshape(-1, D))).view(B, S, D))
+
+
+def test_compiling_has_no_side_effects_on_buffers_or_rng():
+    torch.manual_seed(0)
+    model = Net(NoisyBank()).train()
+    x = torch.randn(2, 8, 32)
+    stats = model.block.norm.running_mean.clone()
+    rng = torch.get_rng_state()
+    moecompile.optimize(model, (x,))
+    assert torch.equal(model.block.norm.running_mean, stats)
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -56,34 +56,40 @@ class CapacitySpec:
 
 @dataclass(frozen=True)
 class WeightRef:
-    """A view of one original parameter: `param[index]`, then `.t()` if `transpose`.
+    """A view of one original parameter: `param[index]`, then the last two dims swapped if `transpose`.
 
-    `index` is a tuple of ints/slices applied with ordinary indexing, e.g. (3, slice(0, 64)) picks rows
-    0..63 of expert 3 in a stacked [E, 2F, D] tensor. The result is in nn.Linear layout [out, in]."""
+    `index` is a tuple of ints/slices applied with ordinary indexing, e.g. (slice(0, 64),) picks rows
+    0..63 of a fused [2F, D] gate/up weight. The result is in nn.Linear layout [out, in]. A `stacked` ref
+    covers all experts of an [E, ...] parameter at once: `index` then applies after the expert dim."""
     name: str
     index: tuple = ()
     transpose: bool = False
+    stacked: bool = False
 
     def get(self, module: nn.Module) -> torch.Tensor:
         owner, _, attr = self.name.rpartition(".")
         w = getattr(module.get_submodule(owner), attr)  # a parameter or a buffer (score bias)
         if self.index:
-            w = w[self.index]
-        return w.t() if self.transpose else w
+            w = w[((slice(None),) if self.stacked else ()) + self.index]
+        return w.transpose(-2, -1) if self.transpose else w
 
 
 @dataclass
 class ExpertWeights:
-    """Per-expert WeightRefs (lists of length E); w3/b* are None when absent."""
-    w1: list[WeightRef]
-    w2: list[WeightRef]
-    w3: list[WeightRef] | None = None
-    b1: list[WeightRef] | None = None
-    b2: list[WeightRef] | None = None
-    b3: list[WeightRef] | None = None
+    """Per role, the experts' weights: one stacked WeightRef ([E, ...] parameter), or a list of E refs
+    (one parameter per expert, e.g. a ModuleList); w3/b* are None when absent."""
+    w1: WeightRef | list[WeightRef]
+    w2: WeightRef | list[WeightRef]
+    w3: WeightRef | list[WeightRef] | None = None
+    b1: WeightRef | list[WeightRef] | None = None
+    b2: WeightRef | list[WeightRef] | None = None
+    b3: WeightRef | list[WeightRef] | None = None
 
     def fetch(self, module: nn.Module) -> dict[str, list[torch.Tensor] | None]:
-        return {k: None if refs is None else [r.get(module) for r in refs]
+        """Per-expert tensors. A stacked weight is one view, unbound: its backward is a single stack,
+        where E separate `param[e]` views would each zero-fill and accumulate a full [E, ...] gradient."""
+        return {k: None if refs is None else
+                list(refs.get(module).unbind(0)) if isinstance(refs, WeightRef) else [r.get(module) for r in refs]
                 for k, refs in vars(self).items()}
 
 
@@ -92,8 +98,8 @@ class MoESpec:
     """Everything needed to run a block through the canonical ops.
 
     `shared` names a dense submodule every token passes (a shared expert); `shared_gate`, if set, is a
-    [1, D] weight (plus optional bias) whose sigmoid(x·w + b) scales the shared output. `outputs` says what the block returns, in
-    order: "out" (the block's result), "logits" (router logits [T, E], for auxiliary losses) or
+    [1, D] weight (plus optional bias) whose sigmoid(x·w + b) scales the shared output. `outputs` says
+    what the block returns, in order: "out" (the block's result), "logits" (router logits [T, E], for auxiliary losses) or
     "weights" (the routing weights [T, k])."""
     hidden: int
     route: RouteSpec

@@ -9,7 +9,6 @@ Why hand-written:
 Routing is tiny ([T, E]) and reuses the reference.
 """
 import torch
-import torch.nn.functional as F
 
 from moecompile.kernels import reference
 from moecompile.kernels.activations import expert_activation
