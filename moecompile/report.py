@@ -24,7 +24,8 @@ class MoELayer:
         s = self.spec
         if s is None:
             return ""
-        parts = [s.expert.activation + (" +bias" if s.expert.bias else "")]
+        parts = [s.expert.activation + (" +bias" if s.expert.bias else "")
+                 + (f" (fused gate/up, {s.expert.fused})" if s.expert.fused else "")]
         if s.route.renormalize:
             parts.append("renorm")
         if s.route.scale != 1.0:

@@ -150,3 +150,19 @@ def test_compiling_has_no_side_effects_on_buffers_or_rng():
     moecompile.optimize(model, (x,))
     assert torch.equal(model.block.norm.running_mean, stats)
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_validation_accepts_a_gradient_that_is_zero_up_to_rounding():
+    """Top-1 with renormalization: the weight is always 1, so the router gradient is rounding noise."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=4, num_experts_per_tok=1)
+    cfg._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(cfg)
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.1)
+    fast = moecompile.optimize(block, (torch.randn(1, 16, 32),))
+    (layer,) = moecompile.explain(fast).moe_layers
+    assert layer.rewritten, layer.reason
+    assert (layer.top_k, layer.spec.route.renormalize) == (1, True)

@@ -22,7 +22,7 @@ def run(impl, x, logits, w, T, E, k, act, bias, cap, gated):
     absent = [] if impl is ops else None
     lists = {n: list(t.unbind(0)) if t is not None else absent for n, t in w.items()}
     y = impl.expert_ffn(x_perm, counts, lists["w1"], lists["w2"], lists["w3"], lists["b1"], lists["b2"],
-                        lists["b3"], act, 1.702, 7.0)
+                        lists["b3"], act, "", 1.702, 7.0)
     y = y[0] if isinstance(y, tuple) else y
     out = impl.combine(y, order, weights, None)
     leaves = [x, logits] + [t for t in w.values() if t is not None]
@@ -46,6 +46,36 @@ def test_pipeline_matches_reference(T, D, F, E, k, act, bias, cap):
     torch.testing.assert_close(out1, out2, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
         assert a is not None and b is not None
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused,act,bias,transposed", [("halves", "swiglu", False, False),
+                                                       ("interleaved", "clamped_swiglu", True, True),
+                                                       ("halves", "geglu", True, False)])
+def test_stacked_fused_weights_match_reference(fused, act, bias, transposed):
+    """Stacked [E, ...] weights passed whole, a fused gate/up projection, [in, out] storage."""
+    torch.manual_seed(0)
+    T, D, F, E, k = 12, 6, 5, 4, 2
+    x = torch.randn(T, D, requires_grad=True)
+    idx = torch.randn(T, E).topk(k, -1).indices
+    w1 = torch.randn(E, D, 2 * F, requires_grad=True) if transposed else torch.randn(E, 2 * F, D, requires_grad=True)
+    w2 = torch.randn(E, D, F, requires_grad=True)
+    b1, b2 = torch.randn(E, 2 * F, requires_grad=True), torch.randn(E, D, requires_grad=True)
+    results = []
+    for impl in (ops, ref):
+        x_perm, order, counts = impl.dispatch(x, idx, E, -1, 0)
+        bs = ([b1], [b2]) if bias else ([], [])
+        if impl is ref:
+            bs = tuple(b or None for b in bs)
+        y = impl.expert_ffn(x_perm, counts, [w1.transpose(1, 2) if transposed else w1], [w2],
+                            [] if impl is ops else None, bs[0], bs[1], [] if impl is ops else None,
+                            act, fused, 1.702, 7.0)
+        y = y[0] if isinstance(y, tuple) else y
+        leaves = [x, w1, w2] + ([b1, b2] if bias else [])
+        results.append((y, torch.autograd.grad(y, leaves, torch.ones_like(y))))
+    (y1, g1), (y2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -84,7 +114,12 @@ def test_opcheck():
     x_perm, order, counts = ops.dispatch(x, idx, E, -1, 0)
     ws = [[torch.randn(*s, requires_grad=True) for _ in range(E)] for s in ((F, D), (D, F), (F, D))]
     torch.library.opcheck(ops.expert_ffn, (x_perm.detach().requires_grad_(), counts, *ws, [], [], [],
-                                           "swiglu", 1.702, 7.0))
+                                           "swiglu", "", 1.702, 7.0))
+    fused = [torch.randn(E, 2 * F, D, requires_grad=True)], [torch.randn(E, D, F, requires_grad=True)]
+    torch.library.opcheck(ops.expert_ffn, (x_perm.detach().requires_grad_(), counts, *fused, [],
+                                           [torch.randn(E, 2 * F, requires_grad=True)],
+                                           [torch.randn(E, D, requires_grad=True)], [], "swiglu", "interleaved",
+                                           1.702, 7.0))
     y = torch.randn(T * k, D, requires_grad=True)
     torch.library.opcheck(ops.combine, (y, order, weights.detach().requires_grad_(), None))
     torch.library.opcheck(ops.combine, (y, order, weights.detach().requires_grad_(), x.detach().requires_grad_()))

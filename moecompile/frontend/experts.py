@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from moecompile.frontend.graph import TRANSPOSES, Reader, Unsupported, matmul_operands, shape
-from moecompile.ir.spec import ExpertSpec, ExpertWeights, WeightRef
+from moecompile.ir.spec import GATED_ACTIVATIONS, ExpertSpec, ExpertWeights, WeightRef
 
 aten = torch.ops.aten
 
@@ -41,6 +41,9 @@ def read_experts(g: Reader, routed, E: int, D: int) -> tuple[ExpertSpec, ExpertW
     body = set().union(*(g.between(i[0], m2[0]) for i in feeding))
     activation, alpha, limit = _activation(g, body, feeding)
     gate, up = _gate_and_up(g, feeding, activation, body, m2[0])
+    fused = _fused_layout(gate, up)
+    if fused:  # keep the projection whole: one GEMM per expert, gradients in the weight's own layout
+        gate, up = gate[:5], None
     refs = {"w1": _expert_refs(g, gate, E, D, first=True), "w2": _expert_refs(g, m2, E, D, first=False)}
     if up is not None:
         refs["w3"] = _expert_refs(g, up, E, D, first=True)
@@ -52,7 +55,19 @@ def read_experts(g: Reader, routed, E: int, D: int) -> tuple[ExpertSpec, ExpertW
     has_bias = "b1" in refs
     if has_bias != ("b2" in refs):
         raise Unsupported("experts have a bias on one layer only")
-    return ExpertSpec(activation, has_bias, alpha, limit), ExpertWeights(**refs)
+    return ExpertSpec(activation, has_bias, fused, alpha, limit), ExpertWeights(**refs)
+
+
+def _fused_layout(gate, up) -> str:
+    """"halves" or "interleaved" when gate and up are the two halves of one projection's output."""
+    if up is None or len(gate) < 6 or gate[0] is not up[0]:
+        return ""
+    (gs, ge, gstep), (us, ue, ustep) = ((p.start or 0, p.stop, p.step or 1) for p in (gate[5], up[5]))
+    if gstep == ustep == 1 and gs == 0 and ge == us:
+        return "halves"
+    if gstep == ustep == 2 and (gs, us) == (0, 1):
+        return "interleaved"
+    return ""  # e.g. [up; gate]: read as two separate row ranges
 
 
 def _activation(g: Reader, body, feeding):
@@ -99,7 +114,7 @@ def _gate_and_up(g: Reader, feeding, activation, body, m2):
 
     A fused [2F, D] weight becomes two WeightRefs with row ranges (chunk/split) or strides (slice)."""
     nonlin = [n for n in body if n.target in NONLINEAR]
-    if activation not in ("swiglu", "geglu", "clamped_swiglu"):
+    if activation not in GATED_ACTIVATIONS:
         return feeding[0], None
     if len(feeding) == 2:
         a, b = feeding

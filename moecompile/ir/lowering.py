@@ -21,7 +21,7 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
                                          cap.capacity if cap else -1, cap.group_size if cap else 0)
     w = {k: v or [] for k, v in spec.weights.fetch(block).items()}
     y_perm, *_ = ops.expert_ffn(x_perm, counts, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
-                                  ex.activation, ex.alpha, ex.limit)             # [N, D]
+                                  ex.activation, ex.fused, ex.alpha, ex.limit)   # [N, D]
     fill = tokens if cap and cap.dropped == "identity" else None
     out = ops.combine(y_perm, order, weights, fill)                              # [T, D]
     if spec.shared is not None:

@@ -76,40 +76,44 @@ dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
 
 
 # ---- expert_ffn: grouped GEMMs over contiguous expert row blocks: x_perm [N, D] → y [N, D] ---------------
-# Also returns g (pre-activation), a = act(g), u (up projection), h = a·u, each [N, F], for the backward
-# (u and h are [0, F] when not gated, where h is a).
-# An absent weight list (w3 when not gated, biases) is passed as [] (the schema has no optional lists).
+# Each weight argument is E per-expert tensors or one stacked [E, ...] tensor; an absent one (w3 when not
+# gated or fused, biases) is [] (the schema has no optional lists). `fused` ("", "halves", "interleaved")
+# says how a fused gate/up w1 [2F, D] splits. Besides y, returns the tensors the backward reuses:
+# g1 (first-layer output), u (separate up projection), a = act(gate), h = a·up.
 @torch.library.custom_op("moecompile::expert_ffn", mutates_args=())
 def expert_ffn(x_perm: Tensor, counts: Tensor, w1: Tensors, w2: Tensors, w3: Tensors,
-               b1: Tensors, b2: Tensors, b3: Tensors,
-               activation: str, alpha: float, limit: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               b1: Tensors, b2: Tensors, b3: Tensors, activation: str, fused: str, alpha: float, limit: float
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return native.expert_ffn_forward(x_perm, counts, w1, w2, w3 or None, b1 or None, b2 or None, b3 or None,
-                                     activation, alpha, limit)
+                                     activation, fused, alpha, limit)
 
 
 @expert_ffn.register_fake
-def _(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, alpha, limit):
-    N, F_ = x_perm.shape[0], w1[0].shape[0]
-    gated_rows = N if w3 else 0
-    return (x_perm.new_empty(N, w2[0].shape[0]), x_perm.new_empty(N, F_), x_perm.new_empty(N, F_),
-            x_perm.new_empty(gated_rows, F_), x_perm.new_empty(gated_rows, F_))
+def _(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
+    N, F1, F_ = x_perm.shape[0], w1[0].shape[-2], w2[0].shape[-1]
+    gated = bool(w3) or bool(fused)
+    return (x_perm.new_empty(N, w2[0].shape[-2]), x_perm.new_empty(N, F1), x_perm.new_empty(N if w3 else 0, F_),
+            x_perm.new_empty(N, F_), x_perm.new_empty(N if gated else 0, F_))
 
 
 def _ffn_setup(ctx, inputs, output):
-    x_perm, counts, w1, w2, w3, b1, _, _, ctx.activation, ctx.alpha, ctx.limit = inputs
-    ctx.set_materialize_grads(False)  # g and u are outputs only to be saved: no [N, F] zero gradients
-    ctx.num_experts, ctx.gated, ctx.has_bias = len(w1), bool(w3), bool(b1)
-    ctx.save_for_backward(x_perm, counts, *output[1:], *w1, *w2, *w3)
+    x_perm, counts, w1, w2, w3, b1, b2, b3, ctx.activation, ctx.fused, ctx.alpha, ctx.limit = inputs
+    ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no [N, F] zero tensors
+    ctx.sizes = [len(t) for t in (w1, w2, w3, b1, b2, b3)]
+    ctx.save_for_backward(x_perm, counts, *output[1:], *w1, *w2, *w3, *b1, *b2, *b3)
 
 
 def _ffn_backward(ctx, grad_y, *_grad_saved):
     x_perm, counts, *rest = ctx.saved_tensors
-    saved, ws, E = rest[:4], rest[4:], ctx.num_experts
-    w1, w2, w3 = ws[:E], ws[E:2 * E], (ws[2 * E:] if ctx.gated else None)
-    grad_x, grads = native.expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3,
-                                               ctx.has_bias, ctx.activation, ctx.alpha, ctx.limit)
-    lists = [grads[name] or [] for name in ("w1", "w2", "w3", "b1", "b2", "b3")]
-    return (grad_x, None, *lists, None, None, None)
+    saved, flat = rest[:4], rest[4:]
+    lists = []
+    for n in ctx.sizes:
+        lists.append(list(flat[:n]) or None)
+        flat = flat[n:]
+    grad_x, grads = native.expert_ffn_backward(grad_y, x_perm, counts, saved, *lists,
+                                               ctx.activation, ctx.fused, ctx.alpha, ctx.limit)
+    ordered = [grads.get(name) or [] for name in ("w1", "w2", "w3", "b1", "b2", "b3")]
+    return (grad_x, None, *ordered, None, None, None, None)
 
 
 expert_ffn.register_autograd(_ffn_backward, setup_context=_ffn_setup)

@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SCORINGS = ("softmax", "sigmoid")
 GATED_ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
-ACTIVATIONS = GATED_ACTIVATIONS + ("gelu", "gelu_tanh", "relu", "silu")
 
 
 @dataclass(frozen=True)
@@ -33,15 +31,15 @@ class RouteSpec:
 
 @dataclass(frozen=True)
 class ExpertSpec:
-    """One expert: h = act(x W1ᵀ + b1) [* (x W3ᵀ + b3) when gated]; y = h W2ᵀ + b2."""
+    """One expert: h = act(x W1ᵀ + b1) [* (x W3ᵀ + b3) when gated]; y = h W2ᵀ + b2.
+
+    `fused` says W1 is one [2F, D] gate/up projection and W3 is absent: "halves" ([gate; up] rows) or
+    "interleaved" (gate rows even, up rows odd); "" when gate and up are separate (or not gated)."""
     activation: str
     bias: bool = False
+    fused: str = ""
     alpha: float = 1.702   # clamped_swiglu only
     limit: float = 7.0     # clamped_swiglu only
-
-    @property
-    def gated(self) -> bool:
-        return self.activation in GATED_ACTIVATIONS
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Routing is tiny ([T, E]) and reuses the reference.
 import torch
 
 from moecompile.kernels import reference
-from moecompile.kernels.activations import expert_activation
+from moecompile.kernels.activations import expert_activation, per_expert, split_gate_up
 
 aten = torch.ops.aten
 route = reference.route
@@ -46,29 +46,35 @@ def dispatch_backward(grad_x_perm, order, k, num_tokens):
 
 
 # ---- expert FFN ------------------------------------------------------------------------------------------
-def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, alpha, limit):
-    """→ y [N, D] and saved tensors g, a, u, h [N, F] (u, h empty [0, F] when not gated: h is a)."""
-    N, F_ = x_perm.shape[0], w1[0].shape[0]
-    gated = w3 is not None
-    y = x_perm.new_empty(N, w2[0].shape[0])
-    g, a = x_perm.new_empty(N, F_), x_perm.new_empty(N, F_)
-    u, h = (x_perm.new_empty(N if gated else 0, F_) for _ in range(2))
+# Weights arrive as E per-expert tensors or one stacked [E, ...] tensor (per_expert); the first layer may
+# be a fused gate/up projection (`fused`: "halves" or "interleaved"), run as one [n, 2F] GEMM per expert.
+def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
+    """→ y [N, D] and saved g1 (first-layer output [N, F1], F1 = 2F when fused), u (separate up
+    projection, else [0, F]), a = act(gate) [N, F], h = a·up (gated, else [0, F]: h is a)."""
+    W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
+    B1, B2, B3 = (per_expert(b, 2) for b in (b1, b2, b3))
+    N, F1, F_ = x_perm.shape[0], W1[0].shape[0], W2[0].shape[1]
+    gated = W3 is not None or bool(fused)
+    y = x_perm.new_empty(N, W2[0].shape[0])
+    g1, a = x_perm.new_empty(N, F1), x_perm.new_empty(N, F_)
+    u = x_perm.new_empty(N if W3 is not None else 0, F_)
+    h = x_perm.new_empty(N if gated else 0, F_)
     start = 0
     for e, n in enumerate(counts.tolist()):
         r = slice(start, start + n)
-        _linear_into(g[r], x_perm[r], w1[e], b1, e)
-        if gated:
-            _linear_into(u[r], x_perm[r], w3[e], b3, e)
-            if activation == "clamped_swiglu":
-                h[r] = expert_activation(g[r], u[r], activation, alpha, limit)
-            else:
-                _act_into(a[r], g[r], activation)
-                torch.mul(a[r], u[r], out=h[r])
+        _linear_into(g1[r], x_perm[r], W1[e], B1, e)
+        if W3 is not None:
+            _linear_into(u[r], x_perm[r], W3[e], B3, e)
+        gate, up = split_gate_up(g1[r], u[r] if W3 is not None else None, fused)
+        if activation == "clamped_swiglu":
+            h[r] = expert_activation(gate, up, activation, alpha, limit)
         else:
-            _act_into(a[r], g[r], activation)
-        _linear_into(y[r], h[r] if gated else a[r], w2[e], b2, e)
+            _act_into(a[r], gate, activation)
+            if gated:
+                torch.mul(a[r], up, out=h[r])
+        _linear_into(y[r], h[r] if gated else a[r], W2[e], B2, e)
         start += n
-    return y, g, a, u, h
+    return y, g1, u, a, h
 
 
 def _act_into(out, g, activation):
@@ -83,15 +89,16 @@ def _act_into(out, g, activation):
     raise ValueError(f"unknown expert activation {activation!r}")
 
 
-def _act_backward(grad, g, activation):
-    """d act(g) for the elementwise part, with aten's fused backward kernels."""
+def _act_backward_into(out, grad, g, activation):
+    """out = grad · act'(g), with aten's fused backward kernels."""
     base = {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
     if base == "silu":
-        return aten.silu_backward(grad, g)
+        return aten.silu_backward.grad_input(grad, g, grad_input=out)
     if base in ("gelu", "gelu_tanh"):
-        return aten.gelu_backward(grad, g, approximate="tanh" if base == "gelu_tanh" else "none")
+        approximate = "tanh" if base == "gelu_tanh" else "none"
+        return aten.gelu_backward.grad_input(grad, g, approximate=approximate, grad_input=out)
     if base == "relu":
-        return aten.threshold_backward(grad, g, 0)
+        return aten.threshold_backward.grad_input(grad, g, 0, grad_input=out)
     raise ValueError(f"no closed-form backward for {activation!r}")
 
 
@@ -102,38 +109,67 @@ def _linear_into(out, x, w, biases, e):
     return torch.addmm(biases[e], x, w.t(), out=out)
 
 
-def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, has_bias, activation, alpha, limit):
-    """→ grad_x [N, D] and per-expert lists of grads for w1, w2, w3, b1, b2, b3 (None where absent)."""
-    g_all, a_all, u_all, h_all = saved
-    gated = w3 is not None
+def _mm_into(out, a, b):
+    """out = a @ b into a possibly transposed view (a stacked weight stored [in, out])."""
+    if out.is_contiguous():
+        return torch.mm(a, b, out=out)
+    return torch.mm(b.t(), a.t(), out=out.t())
+
+
+def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
+    """→ grad_x [N, D] and grads for w1, w2, w3, b1, b2, b3 in the structure they came in (per-expert
+    lists, or one stacked tensor laid out like the weight), None where absent."""
+    W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
+    g1_all, u_all, a_all, h_all = saved
+    gated, has_bias = W3 is not None or bool(fused), b1 is not None
+    grads = {"w1": _grad_buffer(w1), "w2": _grad_buffer(w2), "w3": _grad_buffer(w3)}
+    if has_bias:
+        grads.update(b1=_grad_buffer(b1, 2), b2=_grad_buffer(b2, 2), b3=_grad_buffer(b3, 2))
     grad_x = torch.empty_like(x_perm)
-    grads = {k: [] for k in ("w1", "w2", "w3", "b1", "b2", "b3")}
     start = 0
     for e, n in enumerate(counts.tolist()):
         r = slice(start, start + n)
-        xe, gy, g = x_perm[r], grad_y[r], g_all[r]
-        h = h_all[r] if gated else a_all[r]
-        grads["w2"].append(gy.t() @ h)                                    # [D, F]
-        grad_h = gy @ w2[e]                                               # [n, F]
+        xe, gy = x_perm[r], grad_y[r]
+        _mm_into(grads["w2"][e], gy.t(), h_all[r] if gated else a_all[r])   # [D, F]
+        grad_h = gy @ W2[e]                                                 # [n, F]
+        grad_g1 = torch.empty_like(g1_all[r])
+        grad_u = torch.empty_like(u_all[r]) if W3 is not None else None
+        grad_gate, grad_up = split_gate_up(grad_g1, grad_u, fused)
+        gate, up = split_gate_up(g1_all[r], u_all[r] if W3 is not None else None, fused)
         if activation == "clamped_swiglu":
-            grad_g, grad_u = _autograd_activation(grad_h, g, u_all[r], activation, alpha, limit)
+            dg, du = _autograd_activation(grad_h, gate, up, activation, alpha, limit)
+            grad_gate.copy_(dg), grad_up.copy_(du)
         elif gated:
-            grad_u = grad_h * a_all[r]
-            grad_g = _act_backward(grad_h.mul_(u_all[r]), g, activation)
+            torch.mul(grad_h, a_all[r], out=grad_up)
+            _act_backward_into(grad_gate, grad_h.mul_(up), gate, activation)
         else:
-            grad_g, grad_u = _act_backward(grad_h, g, activation), None
-        grads["w1"].append(grad_g.t() @ xe)                               # [F, D]
-        torch.mm(grad_g, w1[e], out=grad_x[r])
-        if gated:
-            grads["w3"].append(grad_u.t() @ xe)
-            grad_x[r].addmm_(grad_u, w3[e])
+            _act_backward_into(grad_gate, grad_h, gate, activation)
+        _mm_into(grads["w1"][e], grad_g1.t(), xe)                             # [F1, D]
+        torch.mm(grad_g1, W1[e], out=grad_x[r])
+        if W3 is not None:
+            _mm_into(grads["w3"][e], grad_u.t(), xe)
+            grad_x[r].addmm_(grad_u, W3[e])
         if has_bias:
-            grads["b1"].append(grad_g.sum(0))
-            grads["b2"].append(gy.sum(0))
-            if gated:
-                grads["b3"].append(grad_u.sum(0))
+            torch.sum(grad_g1, 0, out=grads["b1"][e])
+            torch.sum(gy, 0, out=grads["b2"][e])
+            if W3 is not None:
+                torch.sum(grad_u, 0, out=grads["b3"][e])
         start += n
-    return grad_x, {k: (v or None) for k, v in grads.items()}
+    return grad_x, {k: _as_passed(v) for k, v in grads.items()}
+
+
+def _grad_buffer(ws, stacked_dim: int = 3):
+    """Gradient storage matching how the tensors were passed: one stacked tensor with the weight's own
+    strides (so autograd accumulates it without a copy), or a list of per-expert tensors."""
+    if ws is None:
+        return None
+    if len(ws) == 1 and ws[0].dim() == stacked_dim:
+        return torch.empty_like(ws[0])
+    return [torch.empty_like(w) for w in ws]
+
+
+def _as_passed(buffer):
+    return None if buffer is None else [buffer] if isinstance(buffer, torch.Tensor) else buffer
 
 
 def _autograd_activation(grad_h, g, u, activation, alpha, limit):

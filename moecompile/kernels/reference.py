@@ -6,7 +6,7 @@ token, N = number of kept (token, slot) pairs (T·k when dropless), F expert hid
 import torch
 import torch.nn.functional as F
 
-from moecompile.kernels.activations import expert_activation
+from moecompile.kernels.activations import expert_activation, per_expert, split_gate_up
 
 
 def route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n_group, topk_group, group_score):
@@ -59,15 +59,17 @@ def dispatch(x, indices, num_experts, capacity, group_size):
     return x[order // indices.shape[1]], order, counts
 
 
-def expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, alpha, limit):
+def expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
     """Each expert's FFN on its contiguous rows of x_perm [N, D] → [N, D]."""
+    w1, w2, w3 = (per_expert(w, 3) for w in (w1, w2, w3))
+    b1, b2, b3 = (per_expert(b, 2) for b in (b1, b2, b3))
     outs = []
     for e, xe in enumerate(x_perm.split(counts.tolist())):
-        g = F.linear(xe, w1[e], None if b1 is None else b1[e])
+        g1 = F.linear(xe, w1[e], None if b1 is None else b1[e])
         u = None if w3 is None else F.linear(xe, w3[e], None if b3 is None else b3[e])
-        h = expert_activation(g, u, activation, alpha, limit)
+        h = expert_activation(*split_gate_up(g1, u, fused), activation, alpha, limit)
         outs.append(F.linear(h, w2[e], None if b2 is None else b2[e]))
-    return torch.cat(outs) if outs else x_perm.new_zeros(0, w2[0].shape[0])
+    return torch.cat(outs)
 
 
 def combine(y_perm, order, weights, fill):

@@ -1,0 +1,115 @@
+"""Shared helpers for the benchmarks: timing, machine info, rich tables and JSON results.
+
+Kept generic (nothing MoE-specific) so every benchmark script reports the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_ms(step: Callable[[], object], *, warmup: int = 2, iters: int = 5,
+            reset: Callable[[], None] | None = None) -> float:
+    """Median wall time of `step()` in milliseconds (time.perf_counter), after `warmup` untimed calls.
+
+    `reset()` runs before every call, outside the timed region (e.g. to clear gradients).
+    """
+    samples = []
+    for i in range(warmup + iters):
+        if reset is not None:
+            reset()
+        t0 = time.perf_counter()
+        step()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            samples.append(dt * 1e3)
+    return statistics.median(samples)
+
+
+def fwd_bwd_step(fn: Callable[[], torch.Tensor], cotangent: torch.Tensor) -> Callable[[], None]:
+    """A step that runs `fn()` forward and backpropagates the fixed `cotangent` through it."""
+    def step():
+        out = fn()
+        (out * cotangent).sum().backward()
+    return step
+
+
+def zero_grads(tensors: Iterable[torch.Tensor]) -> Callable[[], None]:
+    """A reset callback that drops the `.grad` of every given tensor (parameters, leaf inputs)."""
+    tensors = list(tensors)
+
+    def reset():
+        for t in tensors:
+            t.grad = None
+    return reset
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """max |a - ref| / max(max |ref|, floor); `floor` keeps a tensor that is zero up to rounding noise
+    (e.g. a gradient that vanishes mathematically) from turning noise into a huge relative error."""
+    a, ref = a.detach().double(), ref.detach().double()
+    scale = max(ref.abs().max().item(), floor)
+    diff = (a - ref).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def progress(console: Console | None = None) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def table(title: str, columns: list[str], rows: list[list[str]], caption: str | None = None) -> Table:
+    t = Table(title=title, caption=caption, caption_justify="left")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i < 2 else "right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def write_json(path: Path | str, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
