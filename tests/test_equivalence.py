@@ -75,3 +75,19 @@ def test_detection_ignores_names(block, E, k, scoring, details):
     assert layer.name == "block"
     check_layer(layer, E, k, scoring, details)
     assert_same_training_step(eager, fast, (torch.randn(3, 5, 32),), {})
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "switch"])
+def test_auxiliary_losses_from_router_hooks(family):
+    """output_router_logits=True: Hugging Face records router outputs through hooks on the router module;
+    the loss (with load-balancing / z-losses) and every gradient must still match."""
+    torch.manual_seed(0)
+    eager = hf_zoo.FAMILIES[family]()
+    fast = moecompile.optimize(eager)
+    args, kwargs = hf_zoo.inputs(family, seed=3)
+    kwargs = {**kwargs, "output_router_logits": True}
+    assert_same_training_step(eager, fast, args, kwargs)
+    assert all(layer.rewritten for layer in moecompile.explain(fast).moe_layers)
+    out = fast(*args, **kwargs)
+    aux = [k for k in out.keys() if k.endswith("aux_loss")]
+    assert aux and all(out[k].item() > 0 for k in aux)

@@ -11,6 +11,12 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     """x [..., D] → the block's outputs, in the order `spec.outputs` names them."""
     r, ex = spec.route, spec.expert
     tokens = x.reshape(-1, spec.hidden)                                          # [T, D]
+    if spec.router_module is not None:
+        router = block.get_submodule(spec.router_module)
+        if router._forward_hooks or router._forward_pre_hooks:
+            # its hooks record what it returns (Hugging Face collects router logits for the aux loss
+            # this way): call it so they see the same values; the routing below is still ours
+            router(tokens if spec.router_module_flat else x)
     router_b = spec.router_bias.get(block) if spec.router_bias else None
     logits = F.linear(tokens, spec.router.get(block), router_b)                  # [T, E]
     score_bias = spec.score_bias.get(block) if spec.score_bias else None

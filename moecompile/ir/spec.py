@@ -111,6 +111,8 @@ class MoESpec:
     shared_gate: WeightRef | None = None
     shared_gate_bias: WeightRef | None = None
     outputs: tuple[str, ...] = ("out",)
+    router_module: str | None = None   # the submodule that routes, when the block delegates to one...
+    router_module_flat: bool = True    # ...and whether it was called on [T, D] tokens or on x itself
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -74,12 +74,23 @@ def _lift_site(ctx: CompileContext, site: Site, others: list[Site]) -> MoELayer 
             log.warning("moecompile: analysis of %s failed: %r", name, e)
             best = (Unsupported(f"internal error while reading the block: {e!r}", stage=2), name)
             continue
+        _note_router_module(spec, name, site)
         return _install(ctx, name, block, spec, args, kwargs)
     if best is None or best[0].stage <= 1:  # no router, or a router with no experts: not an MoE
         ctx.report.notes.append(f"top-k in {site.stack[-1] or 'the model'} is not MoE routing (no router)")
         return None
     err, name = best
     return MoELayer(name, None, None, None, rewritten=False, reason=str(err))
+
+
+def _note_router_module(spec, block_name: str, site: Site) -> None:
+    """If the selection ran in a submodule that owns the router weight, remember it and how it was called."""
+    inner = site.stack[-1]
+    rel = inner[len(block_name):].lstrip(".") if block_name else inner
+    if inner != block_name and spec.router.name.startswith(rel + "."):
+        router_args, _ = site.inputs[inner]
+        if router_args and isinstance(router_args[0], torch.Tensor):
+            spec.router_module, spec.router_module_flat = rel, router_args[0].dim() == 2
 
 
 def _install(ctx, name, block, spec, args, kwargs) -> MoELayer:
