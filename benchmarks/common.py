@@ -20,22 +20,23 @@ from rich.table import Table
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def time_ms(step: Callable[[], object], *, warmup: int = 2, iters: int = 5,
-            reset: Callable[[], None] | None = None) -> float:
-    """Median wall time of `step()` in milliseconds (time.perf_counter), after `warmup` untimed calls.
+def time_round_robin(steps: dict[str, tuple[Callable[[], object], Callable[[], None] | None]], *,
+                     warmup: int = 2, iters: int = 5) -> dict[str, float]:
+    """Median wall time in ms of each named `step()`, measured in turns: one call of every step per round,
+    so drift of a shared machine (other load, clock changes) reaches all of them alike.
 
-    `reset()` runs before every call, outside the timed region (e.g. to clear gradients).
+    Each value is (step, reset); `reset()` runs before every call, outside the timed region.
     """
-    samples = []
+    samples: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + iters):
-        if reset is not None:
-            reset()
-        t0 = time.perf_counter()
-        step()
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            samples.append(dt * 1e3)
-    return statistics.median(samples)
+        for name, (step, reset) in steps.items():
+            if reset is not None:
+                reset()
+            t0 = time.perf_counter()
+            step()
+            if i >= warmup:
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def fwd_bwd_step(fn: Callable[[], torch.Tensor], cotangent: torch.Tensor) -> Callable[[], None]:

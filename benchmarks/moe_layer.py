@@ -3,7 +3,8 @@
 What is measured: one step = forward of a Mixtral-style MoE block on an input of shape [1, tokens, hidden]
 plus `.backward()` of `(out * g).sum()` for a fixed random cotangent `g` (gradients of the input and of
 every weight are computed; they are cleared between steps, outside the timed region). We report the
-median of `--iters` steps (after 2 warm-up steps) measured with `time.perf_counter`.
+median of `--iters` steps (after warm-up steps) measured with `time.perf_counter`; the implementations
+are timed in turns (one step of each per round) so that drift of the machine reaches all rows alike.
 
 Cases (tokens=4096, hidden=512, ffn=1024 unless --quick): E=8 top-2 (main), E=32 top-4, E=8 top-1.
 Implementations, all using the same weights (normal(0, 0.02)) and the same input:
@@ -38,7 +39,7 @@ from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS_DIR, fmt_ms, fmt_ratio, fwd_bwd_step, machine_info, progress,  # noqa: E402
-                    rel_err, table, time_ms, write_json, zero_grads)
+                    rel_err, table, time_round_robin, write_json, zero_grads)
 
 import moecompile  # noqa: E402
 
@@ -161,18 +162,20 @@ def first_call(fn, x, cot, params):
 
 
 def run_case(name, experts, top_k, args, bar, task):
+    """Build and check every implementation, then time them in turns (time_round_robin)."""
     torch.manual_seed(0)
     block = hf_block(args.hidden, args.ffn, experts, top_k)
     params = list(block.parameters())
     x = torch.randn(1, args.tokens, args.hidden, requires_grad=True)
     g = torch.randn(1, args.tokens, args.hidden)
     g_floor = torch.randn(args.tokens * top_k, args.hidden)
-    rows, ref = [], None
+    rows, ref, steps = [], None, {}
     for impl in IMPLS:
-        bar.update(task, description=f"{name}: {impl}")
+        bar.update(task, description=f"{name}: building {impl}")
         row = {"name": name, "impl": impl, "fwd_bwd_ms": None, "ratio_vs_hf_eager": None,
                "tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn, "experts": experts,
                "top_k": top_k, "iters": args.iters}
+        rows.append(row)
         try:
             fn, leaves = build(impl, block, x, top_k, row)
             cot = g_floor if impl == "floor" else g
@@ -189,16 +192,19 @@ def run_case(name, experts, top_k, args, bar, task):
                 row["max_rel_err"] = max(errs)
                 row["check_ok"] = row["max_rel_err"] <= TOLERANCE
             inp = x if impl != "floor" else None
-            row["fwd_bwd_ms"] = round(time_ms(fwd_bwd_step(lambda: fn(inp), cot), warmup=args.warmup,
-                                              iters=args.iters, reset=zero_grads([x, *leaves])), 3)
+            steps[impl] = (fwd_bwd_step(lambda fn=fn, inp=inp: fn(inp), cot), zero_grads([x, *leaves]))
         except Exception as e:  # noqa: BLE001  (recorded in the row; a moecompile failure fails the run at the end)
             if impl == "hf_eager":
                 raise
             row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        rows.append(row)
-        if not bar.console.is_terminal:  # keep a log when stdout is a file
-            bar.console.log(f"{name} {impl}: {row['fwd_bwd_ms']} ms {row.get('error', '')}")
         bar.advance(task)
+    bar.update(task, description=f"{name}: timing {len(steps)} implementations in turns")
+    times = time_round_robin(steps, warmup=args.warmup, iters=args.iters)
+    for row in rows:
+        if row["impl"] in times:
+            row["fwd_bwd_ms"] = round(times[row["impl"]], 3)
+        if not bar.console.is_terminal:  # keep a log when stdout is a file
+            bar.console.log(f"{name} {row['impl']}: {row['fwd_bwd_ms']} ms {row.get('error', '')}")
     torch._dynamo.reset()
     by_impl = {r["impl"]: r["fwd_bwd_ms"] for r in rows}
     for r in rows:

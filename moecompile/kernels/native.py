@@ -191,18 +191,21 @@ def combine_forward(y_perm, order, weights, fill):
 
 
 def combine_backward(grad_out, y_perm, order, weights, fill):
+    """One gather of grad_out by token serves both gradients: the routing weights' (a row-wise dot with
+    y) and y's (a row-wise scale)."""
     T, k = weights.shape
-    slots = to_slots(y_perm, order, T * k).view(T, k, -1)                  # [T, k, D]
-    grad_w = torch.bmm(slots, grad_out.unsqueeze(-1)).squeeze(-1)        # [T, k]
-    grad_slots = weights.to(grad_out.dtype).unsqueeze(-1) * grad_out.unsqueeze(1)  # [T, k, D]
-    grad_y = grad_slots.view(T * k, -1)[order]                           # [N, D]
+    g_rows = grad_out.index_select(0, order // k)                          # [N, D]
+    grad_w = weights.new_zeros(T * k)
+    grad_w[order] = (g_rows * y_perm).sum(-1).to(weights.dtype)
+    grad_y = g_rows.mul_(weights.flatten()[order].to(g_rows.dtype).unsqueeze(-1))
+    grad_w = grad_w.view(T, k)
     grad_fill = None
     if fill is not None:
         dropped = torch.ones(T * k, dtype=torch.bool, device=order.device)
         dropped[order] = False
-        grad_w = grad_w + dropped.view(T, k) * (grad_out * fill).sum(-1, keepdim=True)
+        grad_w = grad_w + dropped.view(T, k) * (grad_out * fill).sum(-1, keepdim=True).to(weights.dtype)
         grad_fill = grad_out * _dropped_weight(weights, order).unsqueeze(-1).to(grad_out.dtype)
-    return grad_y, grad_w.to(weights.dtype), grad_fill
+    return grad_y, grad_w, grad_fill
 
 
 def _dropped_weight(weights, order):
