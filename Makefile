@@ -21,8 +21,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[dev,hf]" $(TORCH)
 	touch $@
 
+# Large freed blocks stay on glibc's heap: without this, fresh pages fault in every step and timings
+# swing by ±20% with allocation order (see benchmarks/common.py).
+STABLE_MALLOC := MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
+
 demo: $(VENV)/.installed
-	$(BIN)/python examples/quickstart.py
+	$(STABLE_MALLOC) $(BIN)/python examples/quickstart.py
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q

@@ -4,7 +4,9 @@ What is measured: one step = forward of a Mixtral-style MoE block on an input of
 plus `.backward()` of `(out * g).sum()` for a fixed random cotangent `g` (gradients of the input and of
 every weight are computed; they are cleared between steps, outside the timed region). We report the
 median of `--iters` steps (after warm-up steps) measured with `time.perf_counter`; the implementations
-are timed in turns (one step of each per round) so that drift of the machine reaches all rows alike.
+are timed in turns (one step of each per round) so that drift of the machine reaches all rows alike, and
+the script runs with glibc malloc tunables that keep large freed blocks on the heap (common.STABLE_MALLOC:
+otherwise fresh pages fault in every step, a ±20% effect that depends on allocation order).
 
 Cases (tokens=4096, hidden=512, ffn=1024 unless --quick): E=8 top-2 (main), E=32 top-4, E=8 top-1.
 Implementations, all using the same weights (normal(0, 0.02)) and the same input:
@@ -39,7 +41,7 @@ from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS_DIR, fmt_ms, fmt_ratio, fwd_bwd_step, machine_info, progress,  # noqa: E402
-                    rel_err, table, time_round_robin, write_json, zero_grads)
+                    rel_err, stable_malloc, table, time_round_robin, write_json, zero_grads)
 
 import moecompile  # noqa: E402
 
@@ -232,6 +234,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/moe_layer.json)")
     args = ap.parse_args(argv)
+    stable_malloc()
     args.tokens = args.tokens or (512 if args.quick else 4096)
     args.iters = args.iters or (2 if args.quick else 5)
     args.hidden, args.ffn = 512, 1024

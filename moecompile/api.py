@@ -28,8 +28,12 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
         _compile(fast, tuple(example_inputs or ()), dict(example_kwargs or {}), options)
     else:
         def first_call(self, *args, **kwargs):
-            del self.forward  # back to the class's forward, then compile with these inputs
-            _compile(self, args, kwargs, options)
+            del self.forward  # compiling runs the model: with the class's forward, not this one
+            try:
+                _compile(self, args, kwargs, options)
+            except BaseException:
+                self.forward = first_call.__get__(self)  # compile again at the next call
+                raise
             return self(*args, **kwargs)
         fast.forward = first_call.__get__(fast)
         setattr(fast, _STATE, None)

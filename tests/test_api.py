@@ -166,3 +166,11 @@ def test_validation_accepts_a_gradient_that_is_zero_up_to_rounding():
     (layer,) = moecompile.explain(fast).moe_layers
     assert layer.rewritten, layer.reason
     assert (layer.top_k, layer.spec.route.renormalize) == (1, True)
+
+
+def test_an_error_of_the_model_itself_is_reported_as_such():
+    fast = moecompile.optimize(gpt_moe(n_layer=2, d_model=32, d_ff=64, max_seq=8))
+    with pytest.raises(RuntimeError, match="the model itself raised IndexError"):
+        fast(torch.randint(0, 256, (1, 16)))   # longer than max_seq
+    fast(torch.randint(0, 256, (1, 8)))        # a good call compiles after all
+    assert len(moecompile.explain(fast).moe_layers) == 1

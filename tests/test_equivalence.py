@@ -91,3 +91,13 @@ def test_auxiliary_losses_from_router_hooks(family):
     out = fast(*args, **kwargs)
     aux = [k for k in out.keys() if k.endswith("aux_loss")]
     assert aux and all(out[k].item() > 0 for k in aux)
+
+
+def test_bare_block_with_an_input_that_needs_no_gradient():
+    """The expert op skips the input-gradient GEMMs when nothing upstream needs them."""
+    torch.manual_seed(0)
+    block = hf_zoo.mixtral().model.layers[0].mlp
+    x = torch.randn(2, 12, 32)
+    fast = moecompile.optimize(block, (x,))
+    assert moecompile.explain(fast).moe_layers[0].rewritten
+    assert_same_training_step(block, fast, (x,), {})

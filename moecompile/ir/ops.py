@@ -63,12 +63,15 @@ def _(x, indices, num_experts, capacity, group_size):
 
 def _dispatch_setup(ctx, inputs, output):
     x, indices, *_ = inputs
+    ctx.set_materialize_grads(False)
     ctx.k, ctx.num_tokens = indices.shape[1], x.shape[0]
     ctx.save_for_backward(output[1])
 
 
 def _dispatch_backward(ctx, grad_x_perm, _grad_order, _grad_counts):
     (order,) = ctx.saved_tensors
+    if grad_x_perm is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
     return native.dispatch_backward(grad_x_perm, order, ctx.k, ctx.num_tokens), None, None, None, None
 
 
@@ -111,7 +114,8 @@ def _ffn_backward(ctx, grad_y, *_grad_saved):
         lists.append(list(flat[:n]) or None)
         flat = flat[n:]
     grad_x, grads = native.expert_ffn_backward(grad_y, x_perm, counts, saved, *lists,
-                                               ctx.activation, ctx.fused, ctx.alpha, ctx.limit)
+                                               ctx.activation, ctx.fused, ctx.alpha, ctx.limit,
+                                               need_x=ctx.needs_input_grad[0])
     ordered = [grads.get(name) or [] for name in ("w1", "w2", "w3", "b1", "b2", "b3")]
     return (grad_x, None, *ordered, None, None, None, None)
 

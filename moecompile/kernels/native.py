@@ -116,16 +116,18 @@ def _mm_into(out, a, b):
     return torch.mm(b.t(), a.t(), out=out.t())
 
 
-def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
-    """→ grad_x [N, D] and grads for w1, w2, w3, b1, b2, b3 in the structure they came in (per-expert
-    lists, or one stacked tensor laid out like the weight), None where absent."""
+def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit,
+                        need_x=True):
+    """→ grad_x [N, D] (None unless `need_x`: e.g. the block's input needs no gradient) and grads for w1,
+    w2, w3, b1, b2, b3 in the structure they came in (per-expert lists, or one stacked tensor laid out like
+    the weight), None where absent."""
     W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
     g1_all, u_all, a_all, h_all = saved
     gated, has_bias = W3 is not None or bool(fused), b1 is not None
     grads = {"w1": _grad_buffer(w1), "w2": _grad_buffer(w2), "w3": _grad_buffer(w3)}
     if has_bias:
         grads.update(b1=_grad_buffer(b1, 2), b2=_grad_buffer(b2, 2), b3=_grad_buffer(b3, 2))
-    grad_x = torch.empty_like(x_perm)
+    grad_x = torch.empty_like(x_perm) if need_x else None
     start = 0
     for e, n in enumerate(counts.tolist()):
         r = slice(start, start + n)
@@ -145,10 +147,12 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
         else:
             _act_backward_into(grad_gate, grad_h, gate, activation)
         _mm_into(grads["w1"][e], grad_g1.t(), xe)                             # [F1, D]
-        torch.mm(grad_g1, W1[e], out=grad_x[r])
+        if need_x:
+            torch.mm(grad_g1, W1[e], out=grad_x[r])
         if W3 is not None:
             _mm_into(grads["w3"][e], grad_u.t(), xe)
-            grad_x[r].addmm_(grad_u, W3[e])
+            if need_x:
+                grad_x[r].addmm_(grad_u, W3[e])
         if has_bias:
             torch.sum(grad_g1, 0, out=grads["b1"][e])
             torch.sum(gy, 0, out=grads["b2"][e])

@@ -13,6 +13,10 @@ from moecompile.passes.registry import CompileContext, register_pass
 
 @register_pass("find_moe")
 def find_moe(ctx: CompileContext) -> None:
-    ctx.sites = find_routing_sites(ctx.model, ctx.args, ctx.kwargs)
+    try:
+        ctx.sites = find_routing_sites(ctx.model, ctx.args, ctx.kwargs)
+    except Exception as e:
+        raise RuntimeError(f"moecompile: the model itself raised {type(e).__name__} when run on the inputs "
+                           f"given for compilation (the first call's, or example_inputs): {e}") from e
     if not ctx.sites:
         ctx.report.notes.append("no MoE blocks found: the model runs unchanged")
