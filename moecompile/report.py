@@ -1,6 +1,7 @@
 """What `explain()` returns: every MoE block found, whether it was rewritten, and why not."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -59,18 +60,10 @@ class Report:
         return t
 
     def __str__(self) -> str:
-        console = Console(width=120, record=True, file=_Null(), color_system=None)
+        console = Console(width=120, record=True, file=io.StringIO(), color_system=None)
         console.print(self)
         return console.export_text().rstrip()
 
 
 def _s(v) -> str:
     return "-" if v is None else str(v)
-
-
-class _Null:
-    def write(self, _):
-        pass
-
-    def flush(self):
-        pass

@@ -54,7 +54,6 @@ def analyze(rec: Recording, block: torch.nn.Module) -> MoESpec:
     targets = {n.target for n in route_nodes}
     scoring = "softmax" if targets & {aten._softmax.default, aten.softmax.int} else \
         "sigmoid" if aten.sigmoid.default in targets else None
-    notes = []
 
     weights_root = _weights_root(g, sels)
     weight_chain = nx.descendants(g.dag, weights_root) - set().union(*(nx.descendants(g.dag, m) | {m} for m in routed))
@@ -80,8 +79,7 @@ def analyze(rec: Recording, block: torch.nn.Module) -> MoESpec:
     return MoESpec(hidden=D, route=route, expert=expert, router=WeightRef(router_name),
                    weights=weights, router_bias=_bias_of(g, router_mm), score_bias=score_bias,
                    capacity=_capacity(g, sels), shared=shared, shared_gate=shared_gate,
-                   shared_gate_bias=shared_gate_bias,
-                   outputs=outputs, notes=notes)
+                   shared_gate_bias=shared_gate_bias, outputs=outputs)
 
 
 def _find_selection(g: Reader, D: int):

@@ -40,7 +40,7 @@ def read_experts(g: Reader, routed, E: int, D: int) -> tuple[ExpertSpec, ExpertW
         raise Unsupported(f"an expert's second layer reads {len(feeding)} first-layer matmuls")
     body = set().union(*(g.between(i[0], m2[0]) for i in feeding))
     activation, alpha, limit = _activation(g, body, feeding)
-    gate, up = _gate_and_up(g, feeding, activation, body, m2[0])
+    gate, up = _gate_and_up(g, feeding, activation, body)
     fused = _fused_layout(gate, up)
     if fused:  # keep the projection whole: one GEMM per expert, gradients in the weight's own layout
         gate, up = gate[:5], None
@@ -109,10 +109,11 @@ def _is_split(mm, body) -> bool:
 NONLINEAR = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default}
 
 
-def _gate_and_up(g: Reader, feeding, activation, body, m2):
+def _gate_and_up(g: Reader, feeding, activation, body):
     """Which first-layer output goes through the nonlinearity (gate) and which multiplies it (up).
 
-    A fused [2F, D] weight becomes two WeightRefs with row ranges (chunk/split) or strides (slice)."""
+    For a fused [2F, D] projection, each part carries the feature range it takes of the output
+    (chunk/split: contiguous halves; slice: strided), read by `_fused_layout`."""
     nonlin = [n for n in body if n.target in NONLINEAR]
     if activation not in GATED_ACTIVATIONS:
         return feeding[0], None

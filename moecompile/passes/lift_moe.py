@@ -44,8 +44,6 @@ def lift_moe(ctx: CompileContext) -> None:
             continue
         claimed.add(layer.name)
         ctx.report.moe_layers.append(layer)
-        if layer.rewritten:
-            ctx.blocks[layer.name] = layer.spec
 
 
 def _within(name: str, prefix: str) -> bool:
@@ -98,31 +96,36 @@ def _install(ctx, name, block, spec, args, kwargs) -> MoELayer:
     if not args or not isinstance(args[0], torch.Tensor):
         layer.reason = "the block's hidden states are not its first positional argument"
         return layer
-    original = block.forward
 
     def lifted(self, x, *rest, **kw):
         return run_moe(spec, self, x)
 
+    rewritten = types.MethodType(lifted, block)
     if ctx.options.validate:
-        x, rest = args[0], args[1:]
-        scale = x.float().std().clamp_min(1e-3).item()
-        worst, rejudged = 0.0, 0
-        for seed in VALIDATION_SEEDS:
-            gen = torch.Generator().manual_seed(seed)
-            probe = x if seed == 0 else (torch.randn(x.shape, generator=gen) * scale).to(x.dtype)
-            try:
-                err, n = compare(block, original, lambda xi, *r, **k: run_moe(spec, block, xi), probe, rest,
-                                 kwargs, seed)
-            except Exception as e:
-                layer.reason = f"translation validation could not run the lifted block: {e!r}"
-                return layer
-            worst, rejudged = max(worst, err), rejudged + n
-        if not worst <= ctx.options.tolerance:
-            layer.reason = (f"translation validation failed: relative error {worst:.2e} > "
-                            f"{ctx.options.tolerance:.0e} (outputs or gradients differ)")
+        layer.reason = _validate(block, block.forward, rewritten, args, kwargs, spec, ctx.options.tolerance)
+        if layer.reason:
             return layer
-        spec.notes.append(f"validated: max relative error {worst:.1e}" + (
-            f"; {rejudged} tensor(s) off only by fp32 rounding (checked against float64)" if rejudged else ""))
-    block.forward = types.MethodType(lifted, block)
+    block.forward = rewritten
     layer.rewritten = True
     return layer
+
+
+def _validate(block, original, rewritten, args, kwargs, spec, tolerance) -> str | None:
+    """Why the rewrite is rejected, or None; on the recorded input, then on a random one of its scale."""
+    x, rest = args[0], args[1:]
+    scale = x.float().std().clamp_min(1e-3).item()
+    worst, rejudged = 0.0, 0
+    for seed in VALIDATION_SEEDS:
+        gen = torch.Generator().manual_seed(seed)
+        probe = x if seed == 0 else (torch.randn(x.shape, generator=gen) * scale).to(x.dtype)
+        try:
+            err, n = compare(block, original, rewritten, probe, rest, kwargs, seed)
+        except Exception as e:
+            return f"translation validation could not run the lifted block: {e!r}"
+        worst, rejudged = max(worst, err), rejudged + n
+    if not worst <= tolerance:
+        return (f"translation validation failed: relative error {worst:.2e} > {tolerance:.0e} "
+                f"(outputs or gradients differ)")
+    spec.notes.append(f"validated: max relative error {worst:.1e}" + (
+        f"; {rejudged} tensor(s) off only by fp32 rounding (checked against float64)" if rejudged else ""))
+    return None

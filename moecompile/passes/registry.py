@@ -7,7 +7,6 @@ from typing import Callable
 from torch import nn
 
 from moecompile.frontend.capture import Site
-from moecompile.ir.spec import MoESpec
 from moecompile.report import Report
 
 
@@ -27,7 +26,6 @@ class CompileContext:
     options: Options
     report: Report = field(default_factory=Report)
     sites: list[Site] = field(default_factory=list)
-    blocks: dict[str, MoESpec] = field(default_factory=dict)   # lifted blocks by qualified name
 
 
 PASSES: dict[str, Callable[[CompileContext], None]] = {}
