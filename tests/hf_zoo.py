@@ -57,6 +57,7 @@ def gpt_oss():
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
         max_position_embeddings=64, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        swiglu_alpha=1.5, swiglu_limit=0.5,  # not the defaults, so a misread constant cannot pass
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})))
 
 

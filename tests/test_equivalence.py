@@ -9,14 +9,14 @@ from tests.helpers import assert_same_training_step
 from tests.zoo import BiasedBank, EinsumBank, LoopBank, Net
 
 EXPECTED_HF = {  # family → (blocks, experts, top-k, scoring, details that must be recognized)
-    "mixtral": (2, 4, 2, "softmax", dict(renormalize=True, activation="swiglu")),
+    "mixtral": (2, 4, 2, "softmax", dict(renormalize=True, activation="swiglu", fused="halves")),
     "qwen2_moe": (2, 8, 2, "softmax", dict(renormalize=True, activation="swiglu", shared=True, shared_gate=True)),
     "deepseek_v2": (1, 8, 2, "softmax", dict(n_group=4, topk_group=2, scale=2.0, shared=True, shared_gate=False)),
     "switch": (2, 4, 1, "softmax", dict(capacity=4, activation="relu")),
     "deepseek_v3": (1, 8, 2, "sigmoid", dict(score_bias=True, n_group=4, topk_group=2, scale=2.5,
                                               renormalize=True, shared=True)),
     "gpt_oss": (2, 4, 2, "softmax", dict(activation="clamped_swiglu", bias=True, router_bias=True,
-                                         renormalize=True)),
+                                         renormalize=True, fused="interleaved", alpha=1.5, limit=0.5)),
 }
 
 
@@ -27,7 +27,8 @@ def check_layer(layer, E, k, scoring, details):
     facts = dict(renormalize=s.route.renormalize, activation=s.expert.activation, shared=s.shared is not None,
                  shared_gate=s.shared_gate is not None, n_group=s.route.n_group, topk_group=s.route.topk_group,
                  scale=s.route.scale, capacity=s.capacity.capacity if s.capacity else None,
-                 score_bias=s.score_bias is not None, bias=s.expert.bias, router_bias=s.router_bias is not None)
+                 score_bias=s.score_bias is not None, bias=s.expert.bias, router_bias=s.router_bias is not None,
+                 fused=s.expert.fused, alpha=s.expert.alpha, limit=s.expert.limit)
     assert {key: facts[key] for key in details} == details
 
 

@@ -70,27 +70,42 @@ def _fused_layout(gate, up) -> str:
     return ""  # e.g. [up; gate]: read as two separate row ranges
 
 
+CLAMPS = {aten.clamp.default, aten.clamp_max.default, aten.clamp_min.default}
+DEFAULTS = (1.702, 7.0)  # alpha, limit: only meaningful for clamped_swiglu
+
+
 def _activation(g: Reader, body, feeding):
+    """(activation, alpha, limit) from the ops between an expert's two layers."""
     targets = {n.target for n in body}
-    gated = any(n.target in (aten.mul.Tensor,) and all(isinstance(a, fx.Node) for a in n.args[:2])
+    gated = any(n.target is aten.mul.Tensor and all(isinstance(a, fx.Node) for a in n.args[:2])
                 and all(any(g.depends(a, f[0]) for f in feeding) for a in n.args[:2]) for n in body) \
         and (len(feeding) == 2 or _is_split(feeding[0][0], body))
-    if targets & {aten.clamp.default, aten.clamp_max.default, aten.clamp_min.default} and aten.sigmoid.default in targets:
-        alpha = next((float(n.args[1]) for n in body if n.target in (aten.mul.Tensor, aten.mul.Scalar)
-                      and isinstance(n.args[1], (int, float))), 1.702)
-        limit = next((float(n.args[2] if n.target is aten.clamp.default else n.args[1]) for n in body
-                      if n.target in (aten.clamp.default, aten.clamp_max.default)
-                      and isinstance((n.args[2] if n.target is aten.clamp.default and len(n.args) > 2 else n.args[-1]), (int, float))), 7.0)
-        return "clamped_swiglu", alpha, limit
+    if targets & CLAMPS and aten.sigmoid.default in targets:
+        return ("clamped_swiglu",) + _clamped_constants(body)
     gelu = next((n for n in body if n.target is aten.gelu.default), None)
     if gelu is not None:
         tanh = gelu.kwargs.get("approximate", "none") == "tanh"
-        return ("geglu" if gated else "gelu_tanh" if tanh else "gelu"), 1.702, 7.0
+        return ("geglu" if gated else "gelu_tanh" if tanh else "gelu",) + DEFAULTS
     if targets & {aten.silu.default} or aten.sigmoid.default in targets:
-        return ("swiglu" if gated else "silu"), 1.702, 7.0
+        return ("swiglu" if gated else "silu",) + DEFAULTS
     if aten.relu.default in targets:
-        return "relu", 1.702, 7.0
+        return ("relu",) + DEFAULTS
     raise Unsupported(f"unrecognized expert activation among {sorted(str(t) for t in targets)}")
+
+
+def _clamped_constants(body) -> tuple[float, float]:
+    """gpt-oss style g·σ(α·g) with g = min(gate, limit): α scales the sigmoid's input; the limit is the
+    upper bound of the clamp that has no lower bound (the gate's)."""
+    sigmoid = next(n for n in body if n.target is aten.sigmoid.default)
+    scaled = sigmoid.args[0]
+    if not (isinstance(scaled, fx.Node) and scaled.target in (aten.mul.Tensor, aten.mul.Scalar)
+            and isinstance(scaled.args[1], (int, float))):
+        raise Unsupported("clamped activation: the sigmoid's input is not the gate times a constant")
+    gate_clamps = [n for n in body if (n.target is aten.clamp.default and len(n.args) > 2 and n.args[1] is None)
+                   or n.target is aten.clamp_max.default]
+    if len(gate_clamps) != 1:
+        raise Unsupported("clamped activation: cannot tell which clamp bounds the gate")
+    return float(scaled.args[1]), float(gate_clamps[0].args[-1])
 
 
 SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.slice.Tensor}
