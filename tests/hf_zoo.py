@@ -42,7 +42,7 @@ def switch():
 def deepseek_v3():
     """Sigmoid scoring with a score-correction bias (a buffer), group score = sum of the top-2, renorm."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-    return _nonzero_biases(DeepseekV3ForCausalLM(DeepseekV3Config(
+    return nonzero_biases(DeepseekV3ForCausalLM(DeepseekV3Config(
         vocab_size=V, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
         n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
@@ -53,7 +53,7 @@ def deepseek_v3():
 def gpt_oss():
     """Clamped SwiGLU, interleaved gate/up in [in, out] layout, expert and router biases, top-k → softmax."""
     from transformers import GptOssConfig, GptOssForCausalLM
-    return _nonzero_biases(GptOssForCausalLM(GptOssConfig(
+    return nonzero_biases(GptOssForCausalLM(GptOssConfig(
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
         max_position_embeddings=64, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
@@ -61,7 +61,26 @@ def gpt_oss():
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})))
 
 
-def _nonzero_biases(model):
+def ernie4_5_moe():
+    """Renormalization by a sum clamped away from zero, shared experts."""
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+    return Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
+        moe_layer_start_index=0, moe_layer_end_index=1, moe_layer_interval=1, max_position_embeddings=64))
+
+
+def cohere2_moe(**overrides):
+    """Top-k on raw logits then sigmoid (expert_selection_fn="sigmoid"), shared expert summed."""
+    from transformers import Cohere2MoeConfig, Cohere2MoeForCausalLM
+    cfg = dict(vocab_size=V, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+               max_position_embeddings=64, sliding_window=8, expert_selection_fn="sigmoid",
+               shared_expert_combination_strategy="sum")
+    return Cohere2MoeForCausalLM(Cohere2MoeConfig(**{**cfg, **overrides}))
+
+
+def nonzero_biases(model):
     """Biases start at zero; make them matter so a misread bias cannot pass."""
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -71,7 +90,7 @@ def _nonzero_biases(model):
 
 
 FAMILIES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "deepseek_v2": deepseek_v2, "switch": switch,
-            "deepseek_v3": deepseek_v3, "gpt_oss": gpt_oss}
+            "deepseek_v3": deepseek_v3, "gpt_oss": gpt_oss, "ernie4_5_moe": ernie4_5_moe, "cohere2_moe": cohere2_moe}
 
 
 def inputs(family: str, seed: int = 0):

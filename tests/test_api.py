@@ -174,3 +174,17 @@ def test_an_error_of_the_model_itself_is_reported_as_such():
         fast(torch.randint(0, 256, (1, 16)))   # longer than max_seq
     fast(torch.randint(0, 256, (1, 8)))        # a good call compiles after all
     assert len(moecompile.explain(fast).moe_layers) == 1
+
+
+def test_a_real_construct_outside_the_spec_is_refused_not_mistranslated():
+    """Cohere2-MoE's default averages routed and shared outputs, (routed + shared) / 2: no MoESpec field
+    says so, so the reading misses the / 2 and translation validation must refuse the rewrite."""
+    from tests.hf_zoo import cohere2_moe, inputs
+    torch.manual_seed(0)
+    eager = cohere2_moe(shared_expert_combination_strategy="average")
+    args, kwargs = inputs("cohere2_moe")
+    fast = moecompile.optimize(eager, args, kwargs)
+    layers = moecompile.explain(fast).moe_layers
+    assert len(layers) == 2
+    assert all(not layer.rewritten and "translation validation failed" in layer.reason for layer in layers)
+    assert torch.equal(fast(*args, **kwargs).logits, eager(*args, **kwargs).logits)

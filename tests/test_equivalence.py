@@ -4,7 +4,7 @@ import torch
 
 import moecompile
 from moecompile.models import gpt_dense, gpt_moe, gpt_moe_top1
-from tests import hf_zoo
+from tests import hf_families, hf_zoo
 from tests.helpers import assert_same_training_step
 from tests.zoo import BiasedBank, EinsumBank, LoopBank, Net
 
@@ -17,6 +17,8 @@ EXPECTED_HF = {  # family → (blocks, experts, top-k, scoring, details that mus
                                               renormalize=True, shared=True)),
     "gpt_oss": (2, 4, 2, "softmax", dict(activation="clamped_swiglu", bias=True, router_bias=True,
                                          renormalize=True, fused="interleaved", alpha=1.5, limit=0.5)),
+    "ernie4_5_moe": (2, 8, 2, "softmax", dict(renormalize=True, score_bias=True, shared=True)),
+    "cohere2_moe": (2, 8, 2, "sigmoid", dict(renormalize=True, shared=True)),
 }
 
 
@@ -102,3 +104,19 @@ def test_bare_block_with_an_input_that_needs_no_gradient():
     fast = moecompile.optimize(block, (x,))
     assert moecompile.explain(fast).moe_layers[0].rewritten
     assert_same_training_step(block, fast, (x,), {})
+
+
+@pytest.mark.parametrize("family", sorted(hf_families.FAMILIES))
+def test_more_hugging_face_families(family):
+    """Every MoE block rewritten, and the training step equal to eager (biases made non-zero)."""
+    import transformers
+    model_cls, config_cls, kwargs = hf_families.FAMILIES[family]
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"this transformers release has no {model_cls}")
+    torch.manual_seed(0)
+    eager = hf_zoo.nonzero_biases(getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)))
+    args, kwargs = hf_zoo.inputs("causal_lm", seed=4)
+    fast = moecompile.optimize(eager)
+    assert_same_training_step(eager, fast, args, kwargs)
+    layers = moecompile.explain(fast).moe_layers
+    assert layers and all(layer.rewritten for layer in layers), [layer.reason for layer in layers]

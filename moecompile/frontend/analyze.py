@@ -59,10 +59,14 @@ def analyze(rec: Recording, block: torch.nn.Module) -> MoESpec:
     weight_chain = nx.descendants(g.dag, weights_root) - set().union(*(nx.descendants(g.dag, m) | {m} for m in routed))
     weight_chain.add(weights_root)
     renormalize = _renormalizes(weight_chain)
-    if scoring is None:  # top-k on raw logits, softmax over the chosen k: same as softmax + renormalize
-        if not {n.target for n in weight_chain} & {aten._softmax.default, aten.softmax.int}:
+    if scoring is None:  # top-k on raw logits, scored afterwards
+        after = {n.target for n in weight_chain}
+        if after & {aten._softmax.default, aten.softmax.int}:  # softmax over the chosen k: softmax + renorm
+            scoring, renormalize = "softmax", True
+        elif aten.sigmoid.default in after:  # sigmoid is monotonic: top-k of logits = top-k of scores
+            scoring = "sigmoid"
+        else:
             raise Unsupported("routing weights are neither softmax nor sigmoid scores")
-        scoring, renormalize = "softmax", True
     scale = 1.0
     for n in weight_chain:
         if n.target in (aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar) and \
@@ -111,12 +115,15 @@ def _weights_root(g: Reader, sels):
     raise Unsupported("the routing weights could not be traced from the top-k")
 
 
+DENOMINATOR_GUARDS = {aten.add.Tensor, aten.add.Scalar, aten.clamp.default, aten.clamp_min.default}
+
+
 def _renormalizes(chain) -> bool:
     for n in chain:
         if n.target in (aten.div.Tensor, aten.div_.Tensor) and isinstance(n.args[1], fx.Node):
             den = n.args[1]
-            while den.target in (aten.add.Tensor, aten.add.Scalar) and isinstance(den.args[0], fx.Node):
-                den = den.args[0]  # sum + eps
+            while den.target in DENOMINATOR_GUARDS and isinstance(den.args[0], fx.Node):
+                den = den.args[0]  # sum + eps, or sum clamped away from zero (Ernie 4.5)
             if den.target in (aten.sum.dim_IntList, aten.sum.default) and den.args[0] in chain:
                 return True
     return False
