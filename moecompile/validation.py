@@ -26,8 +26,7 @@ def max_relative_error(a: torch.Tensor | None, b: torch.Tensor | None, like: tor
     b = torch.zeros_like(like) if b is None else b
     if a.numel() == 0:
         return 0.0
-    scale = max(b.abs().max().item(), 1e-12)
-    return ((a.double() - b.double()).abs().max() / scale).item()
+    return _distance(a, b) / max(b.abs().max().item(), 1e-12)
 
 
 def _run(fn, block: nn.Module, x, rest, kwargs, seed):

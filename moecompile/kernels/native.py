@@ -77,9 +77,14 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
     return y, g1, u, a, h
 
 
+def _gate_activation(activation: str) -> str:
+    """The elementwise function applied to the gate: a gated activation's base (swiglu → silu)."""
+    return {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
+
+
 def _act_into(out, g, activation):
     """out = act(g) without a temporary (aten's out= kernels)."""
-    base = {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
+    base = _gate_activation(activation)
     if base == "silu":
         return aten.silu.out(g, out=out)
     if base in ("gelu", "gelu_tanh"):
@@ -91,7 +96,7 @@ def _act_into(out, g, activation):
 
 def _act_backward_into(out, grad, g, activation):
     """out = grad · act'(g), with aten's fused backward kernels."""
-    base = {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
+    base = _gate_activation(activation)
     if base == "silu":
         return aten.silu_backward.grad_input(grad, g, grad_input=out)
     if base in ("gelu", "gelu_tanh"):
@@ -165,11 +170,10 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
 def _grad_buffer(ws, stacked_dim: int = 3):
     """Gradient storage matching how the tensors were passed: one stacked tensor with the weight's own
     strides (so autograd accumulates it without a copy), or a list of per-expert tensors."""
-    if ws is None:
+    w = per_expert(ws, stacked_dim)
+    if w is None:
         return None
-    if len(ws) == 1 and ws[0].dim() == stacked_dim:
-        return torch.empty_like(ws[0])
-    return [torch.empty_like(w) for w in ws]
+    return torch.empty_like(w) if isinstance(w, torch.Tensor) else [torch.empty_like(t) for t in w]
 
 
 def _as_passed(buffer):
@@ -190,7 +194,8 @@ def combine_forward(y_perm, order, weights, fill):
     slots = to_slots(y_perm, order, T * k).view(T, k, -1)                  # [T, k, D]
     out = torch.bmm(weights.to(y_perm.dtype).unsqueeze(1), slots).squeeze(1)  # [T, D]
     if fill is not None:
-        out.addcmul_(_dropped_weight(weights, order).unsqueeze(-1).to(out.dtype), fill)
+        dropped_weight = (weights * _dropped(weights, order)).sum(-1)                  # [T]
+        out.addcmul_(dropped_weight.unsqueeze(-1).to(out.dtype), fill)
     return out
 
 
@@ -205,15 +210,14 @@ def combine_backward(grad_out, y_perm, order, weights, fill):
     grad_w = grad_w.view(T, k)
     grad_fill = None
     if fill is not None:
-        dropped = torch.ones(T * k, dtype=torch.bool, device=order.device)
-        dropped[order] = False
-        grad_w = grad_w + dropped.view(T, k) * (grad_out * fill).sum(-1, keepdim=True).to(weights.dtype)
-        grad_fill = grad_out * _dropped_weight(weights, order).unsqueeze(-1).to(grad_out.dtype)
+        dropped = _dropped(weights, order)                                             # [T, k]
+        grad_w = grad_w + dropped * (grad_out * fill).sum(-1, keepdim=True).to(weights.dtype)
+        grad_fill = grad_out * (weights * dropped).sum(-1, keepdim=True).to(grad_out.dtype)
     return grad_y, grad_w, grad_fill
 
 
-def _dropped_weight(weights, order):
-    """Per token, the summed routing weight of its dropped slots [T]."""
+def _dropped(weights, order):
+    """1 where a (token, slot) was dropped by the capacity, else 0: [T, k] in the weights' dtype."""
     dropped = torch.ones(weights.numel(), dtype=weights.dtype, device=weights.device)
     dropped[order] = 0
-    return (weights.flatten() * dropped).view(weights.shape).sum(-1)
+    return dropped.view(weights.shape)
