@@ -6,7 +6,8 @@ What makes a block an MoE is its dataflow:
 
     x ─ matmul(W_r) ─ [scoring] ─ select(top-k) ─┬─ indices ─ (tokens / weights gathered by expert) ─┐
                                                   └─ weights ─ [renorm, scale] ──────── × ─ Σ ─ out ←─┘
-    routed matmuls: those that depend on the selection; their params are the experts'.
+    routed matmuls: those that depend on *which* experts were chosen (the top-k indices); their
+                    params are the experts'.
     dense matmuls:  those that do not (router, shared expert, shared-expert gate).
 
 Anything the reading cannot place raises `Unsupported` with a reason that `explain()` shows. The spec is

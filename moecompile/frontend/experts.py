@@ -160,7 +160,7 @@ def _gate_and_up(g: Reader, feeding, activation, body):
 def _expert_refs(g: Reader, info, E: int, D: int, first: bool) -> WeightRef | list[WeightRef]:
     """[out, in] views of a routed matmul's weight: one stacked ref, or one ref per expert (ModuleList)."""
     m, act, name, chain, bias, *part = info
-    val = next(n.meta["val"] for n, pname in g.rec.params.items() if pname == name)
+    val = g.param(name)
     template = _per_expert_template(name, g.names, E)
     if template is not None:
         per = tuple(val.shape)
@@ -212,7 +212,7 @@ def _expert_bias(g: Reader, info, E: int) -> WeightRef | list[WeightRef] | None:
     if bias is None:
         return None
     bname, _ = g.source_param(bias)
-    val = next(n.meta["val"] for n in g.rec.params if g.rec.params[n] == bname)
+    val = g.param(bname)
     template = _per_expert_template(bname, g.names, E)
     index = (part[0],) if part else ()
     if template is not None:

@@ -61,8 +61,12 @@ class Reader:
             n = n.args[0]
         return None, []
 
+    def param(self, name: str) -> torch.Tensor:
+        """The recorded value of a parameter or buffer, by name."""
+        return next(n.meta["val"] for n, pname in self.rec.params.items() if pname == name)
+
     def param_shape(self, name: str) -> tuple:
-        return next(shape(n) for n, pname in self.rec.params.items() if pname == name)
+        return tuple(self.param(name).shape)
 
     def depends(self, n, on) -> bool:
         return n is on or nx.has_path(self.dag, on, n)
