@@ -6,6 +6,7 @@ import copy
 import torch
 from torch import nn
 
+from moecompile.kernels import BACKENDS
 from moecompile.passes.registry import CompileContext, Options, run_pipeline
 from moecompile.report import Report
 
@@ -13,16 +14,21 @@ _STATE = "_moecompile"
 
 
 def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
-             validate: bool = True, tolerance: float = 1e-4, pipeline: str = "default") -> nn.Module:
+             validate: bool = True, tolerance: float = 1e-4, pipeline: str = "default",
+             kernels: str = "auto") -> nn.Module:
     """Return an optimized model: same class, call signature, outputs, parameters and state_dict keys.
 
     The returned module is a structural copy of `model` that shares its `Parameter` objects (so one
     optimizer trains both, and `model` stays available as the eager reference). MoE blocks are found and
     rewritten at the first call, with the inputs of that call, or now when `example_inputs` is given.
+    `kernels` picks the kernel backend of the MoE ops: "auto" (native on CPU, Triton on CUDA), or
+    "native", "triton" or "reference" for every op.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moecompile.optimize expects a torch.nn.Module, got {type(model).__name__}")
-    options = Options(validate=validate, tolerance=tolerance, pipeline=pipeline)
+    if kernels != "auto" and kernels not in BACKENDS:
+        raise ValueError(f"moecompile.optimize: kernels={kernels!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+    options = Options(validate=validate, tolerance=tolerance, pipeline=pipeline, kernels=kernels)
     fast = _share_parameters_copy(model)
     if example_inputs is not None or example_kwargs is not None:
         _compile(fast, tuple(example_inputs or ()), dict(example_kwargs or {}), options)

@@ -39,6 +39,9 @@ class MoELayer:
             parts.append(f"capacity {s.capacity.capacity}")
         if s.shared:
             parts.append("shared expert" + (" (gated)" if s.shared_gate else ""))
+        backends = set(s.kernels.values())
+        parts.append("kernels: " + (backends.pop() if len(backends) == 1 else
+                                    " ".join(f"{op}={k}" for op, k in s.kernels.items())))
         return ", ".join(parts)
 
 

@@ -188,3 +188,36 @@ def test_a_real_construct_outside_the_spec_is_refused_not_mistranslated():
     assert len(layers) == 2
     assert all(not layer.rewritten and "translation validation failed" in layer.reason for layer in layers)
     assert torch.equal(fast(*args, **kwargs).logits, eager(*args, **kwargs).logits)
+
+
+def test_kernels_default_to_native_on_cpu_and_can_be_forced():
+    eager = gpt_moe(n_layer=2, d_model=32, d_ff=64)
+    idx = torch.randint(0, 256, (2, 8))
+    fast = moecompile.optimize(eager, (idx, idx))
+    (layer,) = moecompile.explain(fast).moe_layers
+    assert layer.spec.kernels == dict.fromkeys(("route", "dispatch", "expert_ffn", "combine"), "native")
+    assert "kernels: native" in str(moecompile.explain(fast))
+    ref = moecompile.optimize(eager, (idx, idx), kernels="reference")
+    (layer,) = moecompile.explain(ref).moe_layers
+    assert layer.rewritten and set(layer.spec.kernels.values()) == {"reference"}
+    assert_same_training_step(eager, ref, (idx, idx), {})
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        moecompile.optimize(eager, kernels="cuda")
+
+
+@pytest.mark.interpreter
+def test_triton_kernels_under_the_interpreter_match_eager():
+    eager = gpt_moe(n_layer=2, d_model=32, d_ff=64)
+    idx = torch.randint(0, 256, (2, 8))
+    fast = moecompile.optimize(eager, (idx, idx), kernels="triton")
+    (layer,) = moecompile.explain(fast).moe_layers
+    assert layer.rewritten and set(layer.spec.kernels.values()) == {"triton"}
+    assert_same_training_step(eager, fast, (idx, idx), {})
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    eager = gpt_moe(n_layer=2, d_model=32, d_ff=64)
+    idx = torch.randint(0, 256, (2, 8))
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        moecompile.optimize(eager, (idx,), kernels="triton")

@@ -1,68 +1,102 @@
 """The canonical MoE ops, as `torch.library.custom_op`s: route → dispatch → expert_ffn → combine.
 
 Each op has a fake (meta) implementation, so it traces under torch.export / Dynamo, and an autograd
-formula, so it trains. The implementations live in `moecompile.kernels` (a pure-torch reference per op,
-and the fast native CPU path used here). Shapes: T tokens, D hidden, E experts, k slots per token,
-N kept (token, slot) pairs (T·k when dropless), F expert hidden size.
+formula, so it trains. The formulas call backward ops that are custom ops too (`*_backward`), so a traced
+backward graph holds one opaque node per op whatever runs inside it (a Triton kernel cannot be traced
+through). The last argument, `backend`, names the kernels that run an op ("native", "triton" or
+"reference", see moecompile/kernels/__init__.py): the kernel-selection pass's choice is part of the graph.
+Shapes: T tokens, D hidden, E experts, k slots per token, N kept (token, slot) pairs (T·k when dropless),
+F expert hidden size.
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from moecompile.kernels import native
+from moecompile.kernels import backend as kernels
 
 Tensors = list[Tensor]
+op = torch.library.custom_op
+
+
+def _backward_op(custom, backend: str):
+    """The backward op an autograd formula calls: the custom op, or for the reference backend the op's
+    Python body. That one differentiates the reference by autograd, which a custom op's body cannot (it
+    runs below autograd), and it is plain torch, so a traced graph keeps it as it is."""
+    return custom._init_fn if backend == "reference" else custom
 
 
 # ---- route: logits [T, E] → weights [T, k] fp32, indices [T, k], counts [E] -------------------------------
-@torch.library.custom_op("moecompile::route", mutates_args=())
+@op("moecompile::route", mutates_args=())
 def route(logits: Tensor, score_bias: Optional[Tensor], num_experts: int, top_k: int, scoring: str,
-          renormalize: bool, scale: float, n_group: int, topk_group: int, group_score: str
-          ) -> tuple[Tensor, Tensor, Tensor]:
+          renormalize: bool, scale: float, n_group: int, topk_group: int, group_score: str,
+          backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with torch.no_grad():
-        return native.route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale,
-                            n_group, topk_group, group_score)
+        return kernels(backend).route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale,
+                                      n_group, topk_group, group_score)
 
 
 @route.register_fake
-def _(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n_group, topk_group, group_score):
+def _(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n_group, topk_group, group_score,
+      backend):
     T = logits.shape[0]
     return (logits.new_empty(T, top_k, dtype=torch.float32),
             logits.new_empty(T, top_k, dtype=torch.int64),
             logits.new_empty(num_experts, dtype=torch.int64))
 
 
+@op("moecompile::route_backward", mutates_args=())
+def route_backward(grad_weights: Tensor, logits: Tensor, indices: Tensor, scoring: str, renormalize: bool,
+                   scale: float, backend: str) -> Tensor:
+    return kernels(backend).route_backward(grad_weights, logits, indices, scoring, renormalize, scale)
+
+
+@route_backward.register_fake
+def _(grad_weights, logits, indices, scoring, renormalize, scale, backend):
+    return torch.empty_like(logits)
+
+
 def _route_setup(ctx, inputs, output):
-    logits, score_bias, _, _, ctx.scoring, ctx.renormalize, ctx.scale, *_ = inputs
+    logits, score_bias, _, _, ctx.scoring, ctx.renormalize, ctx.scale, *_, ctx.backend = inputs
     ctx.save_for_backward(logits, output[1])
 
 
 def _route_backward(ctx, grad_weights, _grad_indices, _grad_counts):
     logits, indices = ctx.saved_tensors
-    grad = native.route_backward(grad_weights, logits, indices, ctx.scoring, ctx.renormalize, ctx.scale)
-    return (grad,) + (None,) * 9
+    grad = _backward_op(route_backward, ctx.backend)(grad_weights, logits, indices, ctx.scoring, ctx.renormalize,
+                                                     ctx.scale, ctx.backend)
+    return (grad,) + (None,) * 10
 
 
 route.register_autograd(_route_backward, setup_context=_route_setup)
 
 
 # ---- dispatch: x [T, D] → x_perm [N, D] expert-major, order [N] (slot ids t·k+j), counts [E] -------------
-@torch.library.custom_op("moecompile::dispatch", mutates_args=())
-def dispatch(x: Tensor, indices: Tensor, num_experts: int, capacity: int, group_size: int
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    x_perm, order, counts = native.dispatch(x, indices, num_experts, capacity, group_size)
+@op("moecompile::dispatch", mutates_args=())
+def dispatch(x: Tensor, indices: Tensor, num_experts: int, capacity: int, group_size: int,
+             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    x_perm, order, counts = kernels(backend).dispatch(x, indices, num_experts, capacity, group_size)
     return x_perm, order, counts
 
 
 @dispatch.register_fake
-def _(x, indices, num_experts, capacity, group_size):
+def _(x, indices, num_experts, capacity, group_size, backend):
     n = indices.numel() if capacity < 0 else torch.library.get_ctx().new_dynamic_size()
     return x.new_empty(n, x.shape[1]), indices.new_empty(n), indices.new_empty(num_experts)
 
 
+@op("moecompile::dispatch_backward", mutates_args=())
+def dispatch_backward(grad_x_perm: Tensor, order: Tensor, k: int, num_tokens: int, backend: str) -> Tensor:
+    return kernels(backend).dispatch_backward(grad_x_perm, order, k, num_tokens)
+
+
+@dispatch_backward.register_fake
+def _(grad_x_perm, order, k, num_tokens, backend):
+    return grad_x_perm.new_empty(num_tokens, grad_x_perm.shape[1])
+
+
 def _dispatch_setup(ctx, inputs, output):
-    x, indices, *_ = inputs
+    x, indices, *_, ctx.backend = inputs
     ctx.set_materialize_grads(False)
     ctx.k, ctx.num_tokens = indices.shape[1], x.shape[0]
     ctx.save_for_backward(output[1])
@@ -71,8 +105,9 @@ def _dispatch_setup(ctx, inputs, output):
 def _dispatch_backward(ctx, grad_x_perm, _grad_order, _grad_counts):
     (order,) = ctx.saved_tensors
     if grad_x_perm is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None, None
-    return native.dispatch_backward(grad_x_perm, order, ctx.k, ctx.num_tokens), None, None, None, None
+        return (None,) * 6
+    grad_x = _backward_op(dispatch_backward, ctx.backend)(grad_x_perm, order, ctx.k, ctx.num_tokens, ctx.backend)
+    return (grad_x,) + (None,) * 5
 
 
 dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
@@ -82,27 +117,62 @@ dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
 # Each weight argument is E per-expert tensors or one stacked [E, ...] tensor; an absent one (w3 when not
 # gated or fused, biases) is [] (the schema has no optional lists). `fused` ("", "halves", "interleaved")
 # says how a fused gate/up w1 [2F, D] splits. Besides y, returns the tensors the backward reuses:
-# g1 (first-layer output), u (separate up projection), a = act(gate), h = a·up.
-@torch.library.custom_op("moecompile::expert_ffn", mutates_args=())
+# g1 (first-layer output), u (separate up projection), a = act(gate), h = a·up. What they hold is the
+# backend's own business (its backward reads them); the reference backend saves nothing (zero rows).
+@op("moecompile::expert_ffn", mutates_args=())
 def expert_ffn(x_perm: Tensor, counts: Tensor, w1: Tensors, w2: Tensors, w3: Tensors,
-               b1: Tensors, b2: Tensors, b3: Tensors, activation: str, fused: str, alpha: float, limit: float
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return native.expert_ffn_forward(x_perm, counts, w1, w2, w3 or None, b1 or None, b2 or None, b3 or None,
-                                     activation, fused, alpha, limit)
+               b1: Tensors, b2: Tensors, b3: Tensors, activation: str, fused: str, alpha: float, limit: float,
+               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return kernels(backend).expert_ffn_forward(x_perm, counts, w1, w2, w3 or None, b1 or None, b2 or None,
+                                               b3 or None, activation, fused, alpha, limit)
 
 
 @expert_ffn.register_fake
-def _(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
+def _(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, backend):
     N, F1, F_ = x_perm.shape[0], w1[0].shape[-2], w2[0].shape[-1]
+    y = x_perm.new_empty(N, w2[0].shape[-2])
+    if backend == "reference":
+        return y, x_perm.new_empty(0, F1), *(x_perm.new_empty(0, F_) for _ in range(3))
     gated = bool(w3) or bool(fused)
-    return (x_perm.new_empty(N, w2[0].shape[-2]), x_perm.new_empty(N, F1), x_perm.new_empty(N if w3 else 0, F_),
-            x_perm.new_empty(N, F_), x_perm.new_empty(N if gated else 0, F_))
+    return (y, x_perm.new_empty(N, F1), x_perm.new_empty(N if w3 else 0, F_), x_perm.new_empty(N, F_),
+            x_perm.new_empty(N if gated else 0, F_))
+
+
+@op("moecompile::expert_ffn_backward", mutates_args=())
+def expert_ffn_backward(grad_y: Tensor, x_perm: Tensor, counts: Tensor, g1: Tensor, u: Tensor, a: Tensor,
+                        h: Tensor, w1: Tensors, w2: Tensors, w3: Tensors, b1: Tensors, b2: Tensors, b3: Tensors,
+                        activation: str, fused: str, alpha: float, limit: float, need_x: bool, backend: str
+                        ) -> list[Tensor]:
+    """→ [grad_x ([0, D] unless need_x), then one stacked gradient per weight role present (w1, w2, w3,
+    b1, b2, b3 order): laid out like the weight when it was passed stacked, [E, ...] for E tensors]."""
+    grad_x, grads = kernels(backend).expert_ffn_backward(
+        grad_y, x_perm, counts, (g1, u, a, h), w1, w2, w3 or None, b1 or None, b2 or None, b3 or None,
+        activation, fused, alpha, limit, need_x=need_x)
+    grad_x = x_perm.new_empty(0, x_perm.shape[1]) if grad_x is None else grad_x
+    return [grad_x] + [grads[name] for name in ("w1", "w2", "w3", "b1", "b2", "b3") if grads.get(name) is not None]
+
+
+@expert_ffn_backward.register_fake
+def _(grad_y, x_perm, counts, g1, u, a, h, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, need_x,
+      backend):
+    grad_x = x_perm.new_empty(x_perm.shape[0] if need_x else 0, x_perm.shape[1])
+    return [grad_x] + [torch.empty_like(ws[0]) if _stacked(ws, dim) else ws[0].new_empty(len(ws), *ws[0].shape)
+                       for ws, dim in zip((w1, w2, w3, b1, b2, b3), _ROLE_DIMS) if ws]
+
+
+_ROLE_DIMS = (3, 3, 3, 2, 2, 2)  # dims of a stacked w1, w2, w3, b1, b2, b3
+
+
+def _stacked(ws: Tensors, dim: int) -> bool:
+    """One stacked [E, ...] tensor rather than E per-expert ones (kernels/activations.per_expert)."""
+    return len(ws) == 1 and ws[0].dim() == dim
 
 
 def _ffn_setup(ctx, inputs, output):
-    x_perm, counts, w1, w2, w3, b1, b2, b3, ctx.activation, ctx.fused, ctx.alpha, ctx.limit = inputs
+    x_perm, counts, w1, w2, w3, b1, b2, b3, ctx.activation, ctx.fused, ctx.alpha, ctx.limit, ctx.backend = inputs
     ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no [N, F] zero tensors
     ctx.sizes = [len(t) for t in (w1, w2, w3, b1, b2, b3)]
+    ctx.stacked = [_stacked(ws, dim) for ws, dim in zip((w1, w2, w3, b1, b2, b3), _ROLE_DIMS)]
     ctx.save_for_backward(x_perm, counts, *output[1:], *w1, *w2, *w3, *b1, *b2, *b3)
 
 
@@ -111,36 +181,55 @@ def _ffn_backward(ctx, grad_y, *_grad_saved):
     saved, flat = rest[:4], rest[4:]
     lists = []
     for n in ctx.sizes:
-        lists.append(list(flat[:n]) or None)
+        lists.append(list(flat[:n]))
         flat = flat[n:]
-    grad_x, grads = native.expert_ffn_backward(grad_y, x_perm, counts, saved, *lists,
-                                               ctx.activation, ctx.fused, ctx.alpha, ctx.limit,
-                                               need_x=ctx.needs_input_grad[0])
-    ordered = [grads.get(name) or [] for name in ("w1", "w2", "w3", "b1", "b2", "b3")]
-    return (grad_x, None, *ordered, None, None, None, None)
+    need_x = ctx.needs_input_grad[0]
+    grad_x, *grads = _backward_op(expert_ffn_backward, ctx.backend)(
+        grad_y, x_perm, counts, *saved, *lists, ctx.activation, ctx.fused, ctx.alpha, ctx.limit, need_x, ctx.backend)
+    grads = iter(grads)
+    ordered = [[] if not n else [next(grads)] if stacked else list(next(grads).unbind(0))
+               for n, stacked in zip(ctx.sizes, ctx.stacked)]
+    return (grad_x if need_x else None, None, *ordered) + (None,) * 5
 
 
 expert_ffn.register_autograd(_ffn_backward, setup_context=_ffn_setup)
 
 
 # ---- combine: y_perm [N, D] → out [T, D] = Σ_k weight · y (dropped slots: 0, or fill [T, D]) -------------
-@torch.library.custom_op("moecompile::combine", mutates_args=())
-def combine(y_perm: Tensor, order: Tensor, weights: Tensor, fill: Optional[Tensor]) -> Tensor:
-    return native.combine_forward(y_perm, order, weights, fill)
+@op("moecompile::combine", mutates_args=())
+def combine(y_perm: Tensor, order: Tensor, weights: Tensor, fill: Optional[Tensor], backend: str) -> Tensor:
+    return kernels(backend).combine_forward(y_perm, order, weights, fill)
 
 
 @combine.register_fake
-def _(y_perm, order, weights, fill):
+def _(y_perm, order, weights, fill, backend):
     return y_perm.new_empty(weights.shape[0], y_perm.shape[1])
 
 
+@op("moecompile::combine_backward", mutates_args=())
+def combine_backward(grad_out: Tensor, y_perm: Tensor, order: Tensor, weights: Tensor, fill: Optional[Tensor],
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """→ (grad_y, grad_weights, grad_fill: [0, D] when there is no fill)."""
+    grad_y, grad_w, grad_fill = kernels(backend).combine_backward(grad_out, y_perm, order, weights, fill)
+    return grad_y, grad_w, grad_out.new_empty(0, grad_out.shape[1]) if grad_fill is None else grad_fill
+
+
+@combine_backward.register_fake
+def _(grad_out, y_perm, order, weights, fill, backend):
+    return (torch.empty_like(y_perm), torch.empty_like(weights),
+            grad_out.new_empty(0 if fill is None else fill.shape[0], grad_out.shape[1]))
+
+
 def _combine_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    *tensors, ctx.backend = inputs
+    ctx.save_for_backward(*tensors)
 
 
 def _combine_backward(ctx, grad_out):
-    grad_y, grad_w, grad_fill = native.combine_backward(grad_out, *ctx.saved_tensors)
-    return grad_y, None, grad_w, grad_fill
+    y_perm, order, weights, fill = ctx.saved_tensors
+    grad_y, grad_w, grad_fill = _backward_op(combine_backward, ctx.backend)(grad_out, y_perm, order, weights, fill,
+                                                                            ctx.backend)
+    return grad_y, None, grad_w, grad_fill if fill is not None else None, None
 
 
 combine.register_autograd(_combine_backward, setup_context=_combine_setup)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 GATED_ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
+OPS = ("route", "dispatch", "expert_ffn", "combine")  # the canonical ops (ir/ops.py), in execution order
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class MoESpec:
     outputs: tuple[str, ...] = ("out",)
     router_module: str | None = None   # the submodule that routes, when the block delegates to one...
     router_module_flat: bool = True    # ...and whether it was called on [T, D] tokens or on x itself
+    kernels: dict[str, str] = field(default_factory=lambda: dict.fromkeys(OPS, "native"))  # op → backend
     notes: list[str] = field(default_factory=list)
 
     @property

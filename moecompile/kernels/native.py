@@ -6,28 +6,60 @@ Why hand-written:
   training step does three GEMM passes over contiguous per-expert row blocks and nothing is recomputed.
 - combine and dispatch's backward move rows with gathers through the inverse permutation and reduce over
   k with a batched matmul: no scatter-add (serial on CPU), no [T, k, D] weighted temporary.
-Routing is tiny ([T, E]) and reuses the reference.
+Routing is small ([T, E]): it skips the reference's redundant passes and has a closed-form backward.
 """
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from moecompile.kernels import reference
 from moecompile.kernels.activations import expert_activation, per_expert, split_gate_up
 
 aten = torch.ops.aten
-route = reference.route
-dispatch = reference.dispatch
+
+
+# ---- routing ---------------------------------------------------------------------------------------------
+def route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n_group, topk_group, group_score):
+    """reference.route, minus the passes it does not need: without a score bias the top-k values are the
+    weights (no gather), and the histogram is one bincount. Group-limited selection is the reference's."""
+    if n_group > 1 or score_bias is not None:
+        return reference.route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n_group,
+                               topk_group, group_score)
+    scores = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()  # [T, E]
+    weights, indices = scores.topk(top_k, dim=-1)                                            # [T, k] ×2
+    if renormalize:
+        weights /= weights.sum(-1, keepdim=True)
+    if scale != 1.0:
+        weights *= scale
+    return weights, indices, torch.bincount(indices.flatten(), minlength=num_experts)
 
 
 def route_backward(grad_weights, logits, indices, scoring, renormalize, scale):
-    """d(weights)/d(logits) with the chosen experts held fixed (selection has no gradient)."""
-    with torch.enable_grad():
-        leaf = logits.detach().float().requires_grad_()
-        scores = leaf.softmax(-1) if scoring == "softmax" else leaf.sigmoid()
-        w = scores.gather(-1, indices)
-        if renormalize:
-            w = w / w.sum(-1, keepdim=True)
-        (grad,) = torch.autograd.grad(w * scale, leaf, grad_weights)
+    """Closed form of d(weights)/d(logits) with the chosen experts fixed; recomputes the [T, E] scores.
+
+    w = scores[indices] (·/Σw when renormalized), · scale. Renormalization: dL/dw_j = (g_j − Σ_m g_m·r_m)/Σw.
+    softmax: dL/dlogits = s ⊙ (G − ⟨G, s⟩), G = dL/dw scattered to [T, E], so ⟨G, s⟩ = Σ_j (dL/dw_j)·w_j.
+    sigmoid: dL/dlogits = dL/dw · w(1 − w) at the chosen experts, zero elsewhere."""
+    scores = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()  # [T, E]
+    w = scores.gather(-1, indices)                                                           # [T, k]
+    g = grad_weights.float() * scale
+    if renormalize:
+        total = w.sum(-1, keepdim=True)
+        g = (g - (g * w).sum(-1, keepdim=True) / total) / total
+    if scoring == "softmax":
+        grad = scores.mul_(-(g * w).sum(-1, keepdim=True))                                   # −s·⟨G, s⟩
+        grad.scatter_add_(-1, indices, g * w)                                                # + s ⊙ G
+    else:
+        grad = torch.zeros_like(scores).scatter_(-1, indices, g * w * (1 - w))
     return grad.to(logits.dtype)
+
+
+def dispatch(x, indices, num_experts, capacity, group_size):
+    """reference.dispatch; dropless, the kept set is everything, so no masking, count or re-gather."""
+    if capacity >= 0:
+        return reference.dispatch(x, indices, num_experts, capacity, group_size)
+    flat = indices.flatten()                                                                # [T·k]
+    order = flat.argsort(stable=True)                                                       # [N]
+    return x.index_select(0, order // indices.shape[1]), order, torch.bincount(flat, minlength=num_experts)
 
 
 def to_slots(rows, order, num_slots):
@@ -35,7 +67,8 @@ def to_slots(rows, order, num_slots):
     N = rows.shape[0]
     inverse = torch.full((num_slots,), N, dtype=order.dtype, device=order.device)
     inverse[order] = torch.arange(N, device=order.device)
-    if N < num_slots:  # some slots dropped: point them at an appended zero row
+    # some slots dropped: point them at an appended zero row (when tracing with a data-dependent N, assume so)
+    if guard_or_true(N < num_slots):
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
     return rows[inverse]
 
@@ -123,9 +156,8 @@ def _mm_into(out, a, b):
 
 def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit,
                         need_x=True):
-    """→ grad_x [N, D] (None unless `need_x`: e.g. the block's input needs no gradient) and grads for w1,
-    w2, w3, b1, b2, b3 in the structure they came in (per-expert lists, or one stacked tensor laid out like
-    the weight), None where absent."""
+    """→ grad_x [N, D] (None unless `need_x`: e.g. the block's input needs no gradient) and, per role w1,
+    w2, w3, b1, b2, b3, one stacked gradient (see `_grad_buffer`), None where absent."""
     W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
     g1_all, u_all, a_all, h_all = saved
     gated, has_bias = W3 is not None or bool(fused), b1 is not None
@@ -144,8 +176,7 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
         grad_gate, grad_up = split_gate_up(grad_g1, grad_u, fused)
         gate, up = split_gate_up(g1_all[r], u_all[r] if W3 is not None else None, fused)
         if activation == "clamped_swiglu":
-            dg, du = _autograd_activation(grad_h, gate, up, activation, alpha, limit)
-            grad_gate.copy_(dg), grad_up.copy_(du)
+            _clamped_swiglu_backward_into(grad_gate, grad_up, grad_h, gate, up, alpha, limit)
         elif gated:
             torch.mul(grad_h, a_all[r], out=grad_up)
             _act_backward_into(grad_gate, grad_h.mul_(up), gate, activation)
@@ -164,27 +195,26 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
             if W3 is not None:
                 torch.sum(grad_u, 0, out=grads["b3"][e])
         start += n
-    return grad_x, {k: _as_passed(v) for k, v in grads.items()}
+    return grad_x, grads
 
 
 def _grad_buffer(ws, stacked_dim: int = 3):
-    """Gradient storage matching how the tensors were passed: one stacked tensor with the weight's own
-    strides (so autograd accumulates it without a copy), or a list of per-expert tensors."""
+    """One [E, ...] gradient buffer per role: with the weight's own strides when it was passed stacked
+    (so autograd accumulates it without a copy), contiguous when it came as E per-expert tensors."""
     w = per_expert(ws, stacked_dim)
     if w is None:
         return None
-    return torch.empty_like(w) if isinstance(w, torch.Tensor) else [torch.empty_like(t) for t in w]
+    return torch.empty_like(w) if isinstance(w, torch.Tensor) else w[0].new_empty(len(w), *w[0].shape)
 
 
-def _as_passed(buffer):
-    return None if buffer is None else [buffer] if isinstance(buffer, torch.Tensor) else buffer
-
-
-def _autograd_activation(grad_h, g, u, activation, alpha, limit):
-    with torch.enable_grad():
-        g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
-        h = expert_activation(g, u, activation, alpha, limit)
-        return torch.autograd.grad(h, [g, u], grad_h)
+def _clamped_swiglu_backward_into(grad_g, grad_u, grad_h, g, u, alpha, limit):
+    """gpt-oss: h = (clamp(u, ±limit) + 1) · gc·σ(α·gc), gc = min(g, limit); a clamp passes the gradient at
+    its bounds, as torch's does."""
+    gc = g.clamp(max=limit)
+    s = torch.sigmoid(alpha * gc)
+    torch.mul(grad_h, gc * s * ((u >= -limit) & (u <= limit)), out=grad_u)
+    d_glu = s * (1 + alpha * gc * (1 - s)) * (g <= limit)
+    torch.mul(grad_h * (u.clamp(-limit, limit) + 1), d_glu, out=grad_g)
 
 
 # ---- combine ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Pure-torch reference for each canonical op: the definition every other kernel path is tested against.
 
 Written for clarity, differentiated by plain autograd. Shapes: T tokens, D hidden, E experts, k slots per
-token, N = number of kept (token, slot) pairs (T·k when dropless), F expert hidden size.
+token, N = number of kept (token, slot) pairs (T·k when dropless), F expert hidden size. The end of the
+file gives the ops' forward/backward interface (see moecompile/kernels/__init__.py) by autograd over these
+definitions, so `kernels="reference"` runs them as the canonical ops.
 """
 import torch
 import torch.nn.functional as F
@@ -80,3 +82,63 @@ def combine(y_perm, order, weights, fill):
     slots = y_perm.new_zeros(T * k, D) if fill is None else fill.repeat_interleave(k, 0)
     slots = slots.index_copy(0, order, y_perm).view(T, k, D)
     return (weights.to(y_perm.dtype).unsqueeze(-1) * slots).sum(1)
+
+
+# ---- the ops' forward/backward interface, by autograd over the definitions above ----------------------------
+def _grads(fn, inputs, grad_outputs):
+    """Gradients of fn(*inputs) for each input tensor (None for non-tensors and non-float inputs)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                  for t in inputs]
+        wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+        got = iter(torch.autograd.grad(fn(*leaves), wanted, grad_outputs, allow_unused=True))
+        return [next(got) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
+
+
+def route_backward(grad_weights, logits, indices, scoring, renormalize, scale):
+    """d(weights)/d(logits) with the chosen experts held fixed (selection has no gradient)."""
+    def weights_of(leaf):
+        scores = leaf.float().softmax(-1) if scoring == "softmax" else leaf.float().sigmoid()
+        w = scores.gather(-1, indices)
+        return (w / w.sum(-1, keepdim=True) if renormalize else w) * scale
+    return _grads(weights_of, [logits], grad_weights)[0]
+
+
+def dispatch_backward(grad_x_perm, order, k, num_tokens):
+    return grad_x_perm.new_zeros(num_tokens, grad_x_perm.shape[1]).index_add_(0, order // k, grad_x_perm)
+
+
+def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
+    """→ y and no saved tensors (zero rows: the backward recomputes)."""
+    y = expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit)
+    F1, F_ = per_expert(w1, 3)[0].shape[-2], per_expert(w2, 3)[0].shape[-1]
+    return (y, x_perm.new_empty(0, F1), *(x_perm.new_empty(0, F_) for _ in range(3)))
+
+
+def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit,
+                        need_x=True):
+    lists = [w1, w2, w3, b1, b2, b3]
+    sizes = [len(ws) if ws else 0 for ws in lists]
+
+    def ffn(x, *flat):
+        parts, at = [], 0
+        for n in sizes:
+            parts.append(list(flat[at:at + n]) or None)
+            at += n
+        return expert_ffn(x, counts, *parts, activation, fused, alpha, limit)
+
+    grad_x, *flat = _grads(ffn, [x_perm] + [t for ws in lists for t in ws or []], grad_y)
+    grads, at = {}, 0
+    for name, ws, n, dim in zip(("w1", "w2", "w3", "b1", "b2", "b3"), lists, sizes, (3, 3, 3, 2, 2, 2)):
+        # one stacked gradient per role, as every backend returns it
+        grads[name] = None if not n else flat[at] if per_expert(ws, dim) is ws[0] else torch.stack(flat[at:at + n])
+        at += n
+    return (grad_x if need_x else None), grads
+
+
+combine_forward = combine
+
+
+def combine_backward(grad_out, y_perm, order, weights, fill):
+    grad_y, _, grad_w, grad_fill = _grads(combine, [y_perm, order, weights, fill], grad_out)
+    return grad_y, grad_w, grad_fill

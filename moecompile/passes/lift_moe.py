@@ -1,17 +1,17 @@
 """lift_moe: replace each detected MoE block's forward with the canonical ops.
 
 Contract:   for every Site from find_moe, the innermost enclosing module whose recorded graph reads as an
-            MoE (frontend/analyze.py) and whose lifted form passes translation validation gets
-            `forward = run_moe(spec, ...)`; every other site is reported with the reason it was left alone.
+            MoE (frontend/analyze.py) gets `forward = run_moe(spec, ...)` and is listed in `ctx.lifted` for
+            the validate pass (which undoes any rewrite that fails); every other site is reported with the
+            reason it was left alone.
 Invariants: parameters are the original `Parameter` objects (views taken per call), module names and
-            state_dict keys are unchanged; a block is never rewritten unless validation passed (or the
-            user turned validation off); no exception from analysis escapes: it becomes a reason.
+            state_dict keys are unchanged; no exception from analysis escapes: it becomes a reason.
 Pseudo-code:
     for site in sites:
         for module in site.stack innermost → outwards (at most 3 levels, never spanning two sites):
             try: spec = analyze(record(module, its inputs)); break
             except Unsupported as e: keep the most advanced failure
-        if spec and validate(original forward, run_moe(spec), random inputs): install
+        if spec: install run_moe(spec); ctx.lifted += (layer, block, original forward, recorded inputs)
         report(name, E, k, scoring, rewritten, reason)
 """
 from __future__ import annotations
@@ -24,13 +24,11 @@ import torch
 from moecompile.frontend.analyze import Unsupported, analyze
 from moecompile.frontend.capture import Site, record
 from moecompile.ir.lowering import run_moe
-from moecompile.passes.registry import CompileContext, register_pass
+from moecompile.passes.registry import CompileContext, Lifted, register_pass
 from moecompile.report import MoELayer
-from moecompile.validation import compare
 
 log = logging.getLogger(__name__)
 MAX_LEVELS = 3
-VALIDATION_SEEDS = (0, 1)
 
 
 @register_pass("lift_moe")
@@ -100,32 +98,7 @@ def _install(ctx, name, block, spec, args, kwargs) -> MoELayer:
     def lifted(self, x, *rest, **kw):
         return run_moe(spec, self, x)
 
-    rewritten = types.MethodType(lifted, block)
-    if ctx.options.validate:
-        layer.reason = _validate(block, block.forward, rewritten, args, kwargs, spec, ctx.options.tolerance)
-        if layer.reason:
-            return layer
-    block.forward = rewritten
+    ctx.lifted.append(Lifted(layer, block, block.forward, args, kwargs))
+    block.forward = types.MethodType(lifted, block)
     layer.rewritten = True
     return layer
-
-
-def _validate(block, original, rewritten, args, kwargs, spec, tolerance) -> str | None:
-    """Why the rewrite is rejected, or None; on the recorded input, then on a random one of its scale."""
-    x, rest = args[0], args[1:]
-    scale = x.float().std().clamp_min(1e-3).item()
-    worst, rejudged = 0.0, 0
-    for seed in VALIDATION_SEEDS:
-        gen = torch.Generator().manual_seed(seed)
-        probe = x if seed == 0 else (torch.randn(x.shape, generator=gen) * scale).to(x.dtype)
-        try:
-            err, n = compare(block, original, rewritten, probe, rest, kwargs, seed)
-        except Exception as e:
-            return f"translation validation could not run the lifted block: {e!r}"
-        worst, rejudged = max(worst, err), rejudged + n
-    if not worst <= tolerance:
-        return (f"translation validation failed: relative error {worst:.2e} > {tolerance:.0e} "
-                f"(outputs or gradients differ)")
-    spec.notes.append(f"validated: max relative error {worst:.1e}" + (
-        f"; {rejudged} tensor(s) off only by fp32 rounding (checked against float64)" if rejudged else ""))
-    return None

@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from moecompile.frontend.capture import Site
-from moecompile.report import Report
+from moecompile.report import MoELayer, Report
 
 
 @dataclass
@@ -15,6 +15,17 @@ class Options:
     validate: bool = True          # translation validation of every rewrite
     tolerance: float = 1e-4        # max relative error accepted by validation (fp32)
     pipeline: str = "default"
+    kernels: str = "auto"          # "auto" (per op and device), or one backend for every op: native/triton/reference
+
+
+@dataclass
+class Lifted:
+    """A block rewritten by lift_moe, with what validation needs to check it and, if need be, undo it."""
+    layer: MoELayer
+    block: nn.Module
+    original: Callable             # the block's forward before the rewrite
+    args: tuple                    # the block's inputs recorded in the compile run
+    kwargs: dict
 
 
 @dataclass
@@ -26,10 +37,11 @@ class CompileContext:
     options: Options
     report: Report = field(default_factory=Report)
     sites: list[Site] = field(default_factory=list)
+    lifted: list[Lifted] = field(default_factory=list)
 
 
 PASSES: dict[str, Callable[[CompileContext], None]] = {}
-PIPELINES: dict[str, list[str]] = {"default": ["find_moe", "lift_moe"], "none": []}
+PIPELINES: dict[str, list[str]] = {"default": ["find_moe", "lift_moe", "select_kernels", "validate"], "none": []}
 
 
 def register_pass(name: str):
