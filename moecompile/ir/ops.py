@@ -19,11 +19,17 @@ Tensors = list[Tensor]
 op = torch.library.custom_op
 
 
-def _backward_op(custom, backend: str):
-    """The backward op an autograd formula calls: the custom op, or for the reference backend the op's
-    Python body. That one differentiates the reference by autograd, which a custom op's body cannot (it
-    runs below autograd), and it is plain torch, so a traced graph keeps it as it is."""
-    return custom._init_fn if backend == "reference" else custom
+def _backward_op(custom, backend: str, *tensors: Tensor):
+    """The backward op an autograd formula calls. While tracing (fake tensors: export, AOTAutograd) it is the
+    custom op, one opaque node whatever runs inside. In eager it is the op's Python body: the same code
+    without a second trip through the dispatcher, which costs more than a small op's kernels. The reference
+    backend always runs the body: it differentiates by autograd, which a custom op's body cannot (it runs
+    below autograd), and it is plain torch, so a traced graph keeps it as it is."""
+    tracing = any(t is not None and not type(t) is Tensor for t in tensors) or \
+        torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    if backend != "reference" and tracing:  # a fake / functional / proxy tensor, or an active fake mode
+        return custom
+    return custom._init_fn
 
 
 # ---- route: logits [T, E] → weights [T, k] fp32, indices [T, k], counts [E] -------------------------------
@@ -63,8 +69,8 @@ def _route_setup(ctx, inputs, output):
 
 def _route_backward(ctx, grad_weights, _grad_indices, _grad_counts):
     logits, indices = ctx.saved_tensors
-    grad = _backward_op(route_backward, ctx.backend)(grad_weights, logits, indices, ctx.scoring, ctx.renormalize,
-                                                     ctx.scale, ctx.backend)
+    grad = _backward_op(route_backward, ctx.backend, logits)(grad_weights, logits, indices, ctx.scoring,
+                                                             ctx.renormalize, ctx.scale, ctx.backend)
     return (grad,) + (None,) * 10
 
 
@@ -106,7 +112,8 @@ def _dispatch_backward(ctx, grad_x_perm, _grad_order, _grad_counts):
     (order,) = ctx.saved_tensors
     if grad_x_perm is None or not ctx.needs_input_grad[0]:
         return (None,) * 6
-    grad_x = _backward_op(dispatch_backward, ctx.backend)(grad_x_perm, order, ctx.k, ctx.num_tokens, ctx.backend)
+    grad_x = _backward_op(dispatch_backward, ctx.backend, order)(grad_x_perm, order, ctx.k, ctx.num_tokens,
+                                                                 ctx.backend)
     return (grad_x,) + (None,) * 5
 
 
@@ -184,7 +191,7 @@ def _ffn_backward(ctx, grad_y, *_grad_saved):
         lists.append(list(flat[:n]))
         flat = flat[n:]
     need_x = ctx.needs_input_grad[0]
-    grad_x, *grads = _backward_op(expert_ffn_backward, ctx.backend)(
+    grad_x, *grads = _backward_op(expert_ffn_backward, ctx.backend, x_perm)(
         grad_y, x_perm, counts, *saved, *lists, ctx.activation, ctx.fused, ctx.alpha, ctx.limit, need_x, ctx.backend)
     grads = iter(grads)
     ordered = [[] if not n else [next(grads)] if stacked else list(next(grads).unbind(0))
@@ -227,8 +234,8 @@ def _combine_setup(ctx, inputs, output):
 
 def _combine_backward(ctx, grad_out):
     y_perm, order, weights, fill = ctx.saved_tensors
-    grad_y, grad_w, grad_fill = _backward_op(combine_backward, ctx.backend)(grad_out, y_perm, order, weights, fill,
-                                                                            ctx.backend)
+    grad_y, grad_w, grad_fill = _backward_op(combine_backward, ctx.backend, y_perm)(grad_out, y_perm, order,
+                                                                                    weights, fill, ctx.backend)
     return grad_y, None, grad_w, grad_fill if fill is not None else None, None
 
 

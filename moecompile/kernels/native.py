@@ -24,13 +24,37 @@ def route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n
     if n_group > 1 or score_bias is not None:
         return reference.route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n_group,
                                topk_group, group_score)
-    scores = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()  # [T, E]
-    weights, indices = scores.topk(top_k, dim=-1)                                            # [T, k] ×2
+    weights, indices = _small_topk(_scores(logits, scoring), top_k)                          # [T, k] ×2
     if renormalize:
         weights /= weights.sum(-1, keepdim=True)
     if scale != 1.0:
         weights *= scale
     return weights, indices, torch.bincount(indices.flatten(), minlength=num_experts)
+
+
+def _scores(logits, scoring):
+    """fp32 softmax or sigmoid over the experts. aten's CPU softmax over a short last dim (E = 8: 330 µs
+    for 4096 rows here) is several times slower than the same softmax taken down dim 0 of the transposed
+    view (90 µs): the latter vectorizes across tokens."""
+    logits = logits.float()
+    if scoring != "softmax":
+        return logits.sigmoid()
+    return logits.t().softmax(0).t() if logits.device.type == "cpu" else logits.softmax(-1)
+
+
+def _small_topk(scores, k):
+    """(values, indices) of the k largest per row, descending. For k <= 4 on CPU, k rounds of max with the
+    winner masked out: aten's topk costs ~330 µs for [4096, 8] here, one max ~50 µs."""
+    if k > 4 or scores.device.type != "cpu":
+        return scores.topk(k, dim=-1)
+    values, indices, work = [], [], scores
+    for j in range(k):
+        v, i = work.max(-1, keepdim=True)                                                    # [T, 1] ×2
+        values.append(v)
+        indices.append(i)
+        if j + 1 < k:
+            work = (work if j else work.clone()).scatter_(-1, i, float("-inf"))
+    return torch.cat(values, -1), torch.cat(indices, -1)
 
 
 def route_backward(grad_weights, logits, indices, scoring, renormalize, scale):
@@ -39,14 +63,14 @@ def route_backward(grad_weights, logits, indices, scoring, renormalize, scale):
     w = scores[indices] (·/Σw when renormalized), · scale. Renormalization: dL/dw_j = (g_j − Σ_m g_m·r_m)/Σw.
     softmax: dL/dlogits = s ⊙ (G − ⟨G, s⟩), G = dL/dw scattered to [T, E], so ⟨G, s⟩ = Σ_j (dL/dw_j)·w_j.
     sigmoid: dL/dlogits = dL/dw · w(1 − w) at the chosen experts, zero elsewhere."""
-    scores = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()  # [T, E]
+    scores = _scores(logits, scoring)                                                        # [T, E]
     w = scores.gather(-1, indices)                                                           # [T, k]
     g = grad_weights.float() * scale
     if renormalize:
         total = w.sum(-1, keepdim=True)
         g = (g - (g * w).sum(-1, keepdim=True) / total) / total
     if scoring == "softmax":
-        grad = scores.mul_(-(g * w).sum(-1, keepdim=True))                                   # −s·⟨G, s⟩
+        grad = scores * -(g * w).sum(-1, keepdim=True)                                       # −s·⟨G, s⟩
         grad.scatter_add_(-1, indices, g * w)                                                # + s ⊙ G
     else:
         grad = torch.zeros_like(scores).scatter_(-1, indices, g * w * (1 - w))
