@@ -9,9 +9,14 @@
 3. A forward+backward step of eager vs optimized is timed in the same run (median of 8 steps, the two
    alternating), and the gradients are checked equal. In the whole models the MoE layers are a minority of
    the step (attention, dense layers, embeddings), so the whole-model speed-up is smaller than the layer's.
+4. Kernel backends: the same Mixtral layer with `kernels="native"` (the CPU default) against
+   `kernels="reference"` (the pure-torch definitions), timed the same way; and a small GPT-MoE trained one
+   step with `kernels="triton"` — on a CUDA machine real Triton kernels, here Triton's interpreter — checked
+   against eager.
 `make demo` runs this with glibc malloc tunables that keep large freed blocks on the heap; without them
 step times swing by about ±20% with allocation order (see benchmarks/common.py).
 """
+import os
 import statistics
 import time
 
@@ -23,7 +28,10 @@ from rich.table import Table
 import moecompile
 from moecompile.models import gpt_moe
 
-console = Console()
+if not torch.cuda.is_available():  # Triton runs on CPU only in its interpreter; set before kernels load
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+console = Console(width=130)
 STEPS = 8
 
 
@@ -104,6 +112,33 @@ def main():
             bar.advance(task)
             speed.add_row(name, f"{t_eager:.1f}", f"{t_fast:.1f}", f"{t_eager / t_fast:.2f}x", f"{diff:.1e}")
     console.print(speed)
+    console.print(kernel_backends())
+
+
+def kernel_backends() -> Table:
+    """The kernel backends of the canonical ops, measured in this run."""
+    t = Table(title="kernel backends (optimize(model, kernels=...)), same run", caption_justify="left", caption=(
+        "reference: the pure-torch definitions run as the canonical ops; its backward re-runs the forward under "
+        "autograd,\nso it is the test oracle, not a baseline. Per-op timings against plain autograd: "
+        "benchmarks/kernels.py."))
+    for col in ("model", "backend", "train step ms", "vs reference backend", "max grad rel. diff vs eager"):
+        t.add_column(col)
+    _, layer, args, kwargs, loss_fn = cases()[2]
+    reference = moecompile.optimize(layer, args, kwargs, kernels="reference")
+    native = moecompile.optimize(layer, args, kwargs)  # "auto": native on CPU
+    assert set(moecompile.explain(native).moe_layers[0].spec.kernels.values()) == {"native"}
+    t_ref, t_native = step_ms(reference, native, args, kwargs, loss_fn)
+    name = "Mixtral MoE layer, 4096 tokens"
+    t.add_row(name, "reference", f"{t_ref:.1f}", "1.00x", f"{max_grad_diff(layer, reference, args, kwargs, loss_fn):.1e}")
+    t.add_row(name, "native (CPU default)", f"{t_native:.1f}", f"{t_ref / t_native:.2f}x",
+              f"{max_grad_diff(layer, native, args, kwargs, loss_fn):.1e}")
+    small = gpt_moe(n_layer=2, d_model=64, d_ff=128)
+    ids = torch.randint(0, 256, (2, 32))
+    triton_model = moecompile.optimize(small, (ids, ids), kernels="triton")
+    where = "CUDA" if torch.cuda.is_available() else "interpreter on CPU: correctness only, not timed"
+    diff = max_grad_diff(small, triton_model, (ids, ids), {}, lambda out: out[1])
+    t.add_row("GPT-MoE (2 layers, d 64), 64 tokens", f"triton ({where})", "-", "-", f"{diff:.1e}")
+    return t
 
 
 if __name__ == "__main__":
