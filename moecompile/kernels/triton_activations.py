@@ -10,10 +10,11 @@ passes the gradient at its bounds.
 import triton
 import triton.language as tl
 
-SQRT_HALF = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-SQRT_2_OVER_PI = 0.7978845608028654
-GELU_CUBIC = 0.044715
+# globals a jitted function reads must be constexpr (the interpreter does not check; the compiler does)
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+GELU_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit
