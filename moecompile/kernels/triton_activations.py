@@ -10,11 +10,9 @@ passes the gradient at its bounds.
 import triton
 import triton.language as tl
 
-# globals a jitted function reads must be constexpr (the interpreter does not check; the compiler does)
-SQRT_HALF = tl.constexpr(0.7071067811865476)
-INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-GELU_CUBIC = tl.constexpr(0.044715)
+# Constants are literals in the jitted code: a plain global is rejected by the GPU compiler (the interpreter
+# does not check), and a tl.constexpr global breaks arithmetic with tensors under the interpreter.
+# √½ = 0.7071067811865476, 1/√(2π) = 0.3989422804014327, √(2/π) = 0.7978845608028654, GELU cubic 0.044715.
 
 
 @triton.jit
@@ -28,9 +26,9 @@ def gate_act(g, ACT: tl.constexpr, alpha, limit):
     if ACT == "silu":
         a = g * tl.sigmoid(g)
     elif ACT == "gelu":
-        a = 0.5 * g * (1.0 + tl.erf(g * SQRT_HALF))
+        a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
     elif ACT == "gelu_tanh":
-        a = 0.5 * g * (1.0 + _tanh(SQRT_2_OVER_PI * (g + GELU_CUBIC * g * g * g)))
+        a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
     elif ACT == "relu":
         a = tl.maximum(g, 0.0)
     else:  # clamped_swiglu: gc·σ(α·gc), gc = min(g, limit)
@@ -46,10 +44,10 @@ def gate_act_grad(g, ACT: tl.constexpr, alpha, limit):
         s = tl.sigmoid(g)
         d = s * (1.0 + g * (1.0 - s))
     elif ACT == "gelu":
-        d = 0.5 * (1.0 + tl.erf(g * SQRT_HALF)) + g * tl.exp(-0.5 * g * g) * INV_SQRT_2PI
+        d = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476)) + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
     elif ACT == "gelu_tanh":
-        t = _tanh(SQRT_2_OVER_PI * (g + GELU_CUBIC * g * g * g))
-        d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * g * g)
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
     elif ACT == "relu":
         d = tl.where(g > 0.0, 1.0, 0.0)
     else:
