@@ -6,8 +6,9 @@ forward + backward (`.backward()` of `(out * g).sum()`, fixed random cotangent g
 timed region):
   reference  the definitions in moecompile/kernels/reference.py, called directly and differentiated by plain
              autograd: what an eager PyTorch MoE does
-  native     the canonical op (moecompile::*) with backend="native": what optimize() runs on CPU
-  triton     the canonical op with backend="triton", only when a CUDA device is present (Triton on CPU is an
+  native     the canonical op (moecompile::*) with backend="native", called as optimize()'s models call it
+             (ops.call: in eager, the op's body under an autograd.Function)
+  triton     the same with backend="triton", only when a CUDA device is present (Triton on CPU is an
              interpreter for tests; timing it would measure numpy)
 Median of --iters steps after warm-up, implementations in turns (benchmarks/common.py), fp32, glibc malloc
 tunables as in moe_layer.py. Inputs: tokens [T, D] ~ N(0, 1), router logits ~ N(0, 1), weights ~ N(0, 0.02).
@@ -106,10 +107,10 @@ def op_runners(backend, x, logits, w, E, k, capacity, inp):
     """For each op: (a function of nothing → its output, through `backend`, the leaves it differentiates);
     "reference" calls the plain functions under autograd."""
     impl = reference if backend == "reference" else None
-    route = impl.route if impl else lambda *a: ops.route(*a, backend)
-    dispatch = impl.dispatch if impl else lambda *a: ops.dispatch(*a, backend)
-    ffn = impl.expert_ffn if impl else lambda *a: ops.expert_ffn(*a, backend)[0]
-    combine = impl.combine if impl else lambda *a: ops.combine(*a, backend)
+    route = impl.route if impl else lambda *a: ops.call(ops.route, *a, backend)
+    dispatch = impl.dispatch if impl else lambda *a: ops.call(ops.dispatch, *a, backend)
+    ffn = impl.expert_ffn if impl else lambda *a: ops.call(ops.expert_ffn, *a, backend)[0]
+    combine = impl.combine if impl else lambda *a: ops.call(ops.combine, *a, backend)
     lists = {n: list(t.unbind(0)) for n, t in w.items()}   # stacked weights, as the lowering passes them
     absent = None if impl else []
     return {

@@ -20,16 +20,16 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     router_b = spec.router_bias.get(block) if spec.router_bias else None
     logits = F.linear(tokens, spec.router.get(block), router_b)                  # [T, E]
     score_bias = spec.score_bias.get(block) if spec.score_bias else None
-    weights, indices, _ = ops.route(logits, score_bias, r.num_experts, r.top_k, r.scoring, r.renormalize,
+    weights, indices, _ = ops.call(ops.route, logits, score_bias, r.num_experts, r.top_k, r.scoring, r.renormalize,
                                     r.scale, r.n_group, r.topk_group, r.group_score, kern["route"])  # [T, k] ×2
     cap = spec.capacity
-    x_perm, order, counts = ops.dispatch(tokens, indices, r.num_experts, cap.capacity if cap else -1,
+    x_perm, order, counts = ops.call(ops.dispatch, tokens, indices, r.num_experts, cap.capacity if cap else -1,
                                          cap.group_size if cap else 0, kern["dispatch"])
     w = {k: v or [] for k, v in spec.weights.fetch(block).items()}
-    y_perm, *_ = ops.expert_ffn(x_perm, counts, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
+    y_perm, *_ = ops.call(ops.expert_ffn, x_perm, counts, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
                                   ex.activation, ex.fused, ex.alpha, ex.limit, kern["expert_ffn"])  # [N, D]
     fill = tokens if cap and cap.dropped == "identity" else None
-    out = ops.combine(y_perm, order, weights, fill, kern["combine"])             # [T, D]
+    out = ops.call(ops.combine, y_perm, order, weights, fill, kern["combine"])             # [T, D]
     if spec.shared is not None:
         shared = block.get_submodule(spec.shared)(tokens)
         if spec.shared_gate is not None:

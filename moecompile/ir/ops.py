@@ -19,17 +19,84 @@ Tensors = list[Tensor]
 op = torch.library.custom_op
 
 
+_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
+          torch._C._TorchDispatchModeKey.FUNCTIONAL)
+
+
+def _tracing(tensors) -> bool:
+    """Whether these op arguments are being traced (Dynamo, export, AOTAutograd) rather than run."""
+    if torch.compiler.is_compiling() or any(torch._C._get_dispatch_mode(key) is not None for key in _MODES):
+        return True
+    return any(type(t) not in (Tensor, torch.nn.Parameter) for t in tensors if t is not None)
+
+
 def _backward_op(custom, backend: str, *tensors: Tensor):
-    """The backward op an autograd formula calls. While tracing (fake tensors: export, AOTAutograd) it is the
-    custom op, one opaque node whatever runs inside. In eager it is the op's Python body: the same code
-    without a second trip through the dispatcher, which costs more than a small op's kernels. The reference
-    backend always runs the body: it differentiates by autograd, which a custom op's body cannot (it runs
-    below autograd), and it is plain torch, so a traced graph keeps it as it is."""
-    tracing = any(t is not None and not type(t) is Tensor for t in tensors) or \
-        torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-    if backend != "reference" and tracing:  # a fake / functional / proxy tensor, or an active fake mode
+    """The backward op an autograd formula calls. While tracing it is the custom op, one opaque node whatever
+    runs inside. In eager it is the op's Python body: the same code without a trip through the dispatcher.
+    The reference backend always runs the body: it differentiates by autograd, which a custom op's body
+    cannot (it runs below autograd), and it is plain torch, so a traced graph keeps it as it is."""
+    if backend != "reference" and _tracing(tensors):
         return custom
     return custom._init_fn
+
+
+# ---- eager calls -------------------------------------------------------------------------------------------
+# torch.library's Python path costs ~150 µs per op call with autograd here (argument binding that is
+# quadratic in the argument count, pytree checks), more than route's or combine's kernels at decode sizes.
+# So `call` runs an op through it only while tracing, where the op must appear as one node; in eager it runs
+# the op's body under an autograd.Function with the same setup and formula (the ones registered below).
+_FORMULAS = {}
+
+
+def _register_autograd(custom, backward, setup):
+    custom.register_autograd(backward, setup_context=setup)
+    _FORMULAS[custom] = (setup, backward)
+
+
+def call(custom, *args):
+    """Run canonical op `custom` (e.g. ops.route) on `args`, traced or eager as above."""
+    flat, sizes = _flatten(args)
+    if _tracing(t for t in flat if isinstance(t, Tensor)):
+        return custom(*args)
+    return _EagerOp.apply(*flat, custom, sizes)
+
+
+def _flatten(args):
+    """Tensor-list arguments spread out (autograd.Function sees only top-level tensors); sizes[i] is the
+    length of list argument i, or -1 for any other argument."""
+    flat, sizes = [], []
+    for a in args:
+        flat.extend(a) if isinstance(a, list) else flat.append(a)
+        sizes.append(len(a) if isinstance(a, list) else -1)
+    return flat, sizes
+
+
+def _unflatten(flat, sizes):
+    args, at = [], 0
+    for n in sizes:
+        args.append(list(flat[at:at + n]) if n >= 0 else flat[at])
+        at += n if n >= 0 else 1
+    return args
+
+
+class _EagerOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        *flat, custom, sizes = args
+        inputs = _unflatten(flat, sizes)
+        output = custom._init_fn(*inputs)
+        setup, ctx.formula = _FORMULAS[custom]
+        setup(ctx, tuple(inputs), output)
+        ctx.arg_sizes = sizes  # not `sizes`: the formulas keep their own state on ctx
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        per_arg = ctx.formula(ctx, *grads)
+        flat = []
+        for n, g in zip(ctx.arg_sizes, per_arg):
+            flat.extend(g or [None] * n) if n >= 0 else flat.append(g)
+        return (*flat, None, None)
 
 
 # ---- route: logits [T, E] → weights [T, k] fp32, indices [T, k], counts [E] -------------------------------
@@ -74,7 +141,7 @@ def _route_backward(ctx, grad_weights, _grad_indices, _grad_counts):
     return (grad,) + (None,) * 10
 
 
-route.register_autograd(_route_backward, setup_context=_route_setup)
+_register_autograd(route, _route_backward, _route_setup)
 
 
 # ---- dispatch: x [T, D] → x_perm [N, D] expert-major, order [N] (slot ids t·k+j), counts [E] -------------
@@ -117,7 +184,7 @@ def _dispatch_backward(ctx, grad_x_perm, _grad_order, _grad_counts):
     return (grad_x,) + (None,) * 5
 
 
-dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+_register_autograd(dispatch, _dispatch_backward, _dispatch_setup)
 
 
 # ---- expert_ffn: grouped GEMMs over contiguous expert row blocks: x_perm [N, D] → y [N, D] ---------------
@@ -199,7 +266,7 @@ def _ffn_backward(ctx, grad_y, *_grad_saved):
     return (grad_x if need_x else None, None, *ordered) + (None,) * 5
 
 
-expert_ffn.register_autograd(_ffn_backward, setup_context=_ffn_setup)
+_register_autograd(expert_ffn, _ffn_backward, _ffn_setup)
 
 
 # ---- combine: y_perm [N, D] → out [T, D] = Σ_k weight · y (dropped slots: 0, or fill [T, D]) -------------
@@ -239,4 +306,4 @@ def _combine_backward(ctx, grad_out):
     return grad_y, None, grad_w, grad_fill if fill is not None else None, None
 
 
-combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+_register_autograd(combine, _combine_backward, _combine_setup)
