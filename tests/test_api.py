@@ -221,3 +221,13 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     idx = torch.randint(0, 256, (2, 8))
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         moecompile.optimize(eager, (idx,), kernels="triton")
+
+
+@pytest.mark.gpu
+def test_cuda_model_runs_triton_kernels(cuda_triton):
+    eager = gpt_moe(n_layer=2, d_model=64, d_ff=128).cuda()
+    idx = torch.randint(0, 256, (2, 32), device="cuda")
+    fast = moecompile.optimize(eager, (idx, idx))   # kernels="auto"
+    (layer,) = moecompile.explain(fast).moe_layers
+    assert layer.rewritten and set(layer.spec.kernels.values()) == {"triton"}, layer.reason
+    assert_same_training_step(eager, fast, (idx, idx), {})

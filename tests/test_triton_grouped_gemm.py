@@ -145,9 +145,7 @@ def test_tile_map_partitions_rows():
 
 
 @pytest.mark.gpu
-def test_cuda_matches_loop():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device: torch.cuda.is_available() is False")
+def test_cuda_matches_loop(cuda_triton):
     for dtype in DTYPES:
         for case in ("ragged", "transposed_w", "strided_x"):
             x, w, counts = (t.cuda() for t in make_case(case, dtype))

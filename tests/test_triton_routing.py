@@ -220,9 +220,7 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.gpu
-def test_gpu_matches_reference():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+def test_gpu_matches_reference(cuda_triton):
     for case in ROUTES:
         check_route(case, "cuda")
     for case in DISPATCHES:
