@@ -111,7 +111,10 @@ def op_runners(backend, x, logits, w, E, k, capacity, inp):
     dispatch = impl.dispatch if impl else lambda *a: ops.call(ops.dispatch, *a, backend)
     ffn = impl.expert_ffn if impl else lambda *a: ops.call(ops.expert_ffn, *a, backend)[0]
     combine = impl.combine if impl else lambda *a: ops.call(ops.combine, *a, backend)
-    lists = {n: list(t.unbind(0)) for n, t in w.items()}   # stacked weights, as the lowering passes them
+    # the same stacked [E, ...] parameters, each passed the way that implementation takes them best: the
+    # reference loops over unbound per-expert views (one stack of the gradients); the ops take the stacked
+    # tensor whole, as optimize() passes it
+    lists = {n: list(t.unbind(0)) if impl else [t] for n, t in w.items()}
     absent = None if impl else []
     return {
         "route": (lambda: route(logits, None, E, k, "softmax", k > 1, 1.0, 1, 1, "max")[0], [logits]),

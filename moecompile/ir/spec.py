@@ -85,10 +85,11 @@ class ExpertWeights:
     b3: WeightRef | list[WeightRef] | None = None
 
     def fetch(self, module: nn.Module) -> dict[str, list[torch.Tensor] | None]:
-        """Per-expert tensors. A stacked weight is one view, unbound: its backward is a single stack,
-        where E separate `param[e]` views would each zero-fill and accumulate a full [E, ...] gradient."""
+        """The weights as the ops take them: a stacked weight as one [E, ...] view (its gradient is then made
+        in the parameter's own layout: no stack of E per-expert gradients, which costs a copy of the whole
+        weight every step), else the E per-expert tensors."""
         return {k: None if refs is None else
-                list(refs.get(module).unbind(0)) if isinstance(refs, WeightRef) else [r.get(module) for r in refs]
+                [refs.get(module)] if isinstance(refs, WeightRef) else [r.get(module) for r in refs]
                 for k, refs in vars(self).items()}
 
 
