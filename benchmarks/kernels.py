@@ -143,7 +143,7 @@ def floor_seconds(op, passes, T, D, F, E, k, N, floors):
     return max(total_bytes / floors["bandwidth_Bps"], total_flops / floors["gemm_flops"]), total_bytes, total_flops
 
 
-def bench_case(case, backends, floors, device, iters, console):
+def bench_case(case, backends, floors, device, iters):
     name, T, D, F, E, k, cap = case
     x, logits, w, capacity = make_case(T, D, F, E, k, cap, device)
     inp = op_inputs(x, logits, E, k, capacity)
@@ -205,7 +205,7 @@ def main():
     with progress(console) as bar:
         task = bar.add_task("cases", total=len(cases))
         for case in cases:
-            rows += bench_case(case, backends, floors, device, iters, console)
+            rows += bench_case(case, backends, floors, device, iters)
             bar.advance(task)
     fast = backends[-1]
     cols = ["case", "op", "pass"] + [f"{b} ms" for b in backends] + [f"{b} speedup" for b in backends[1:]] + [
