@@ -54,10 +54,14 @@ def _register_autograd(custom, backward, setup):
 
 
 def call(custom, *args):
-    """Run canonical op `custom` (e.g. ops.route) on `args`, traced or eager as above."""
+    """Run canonical op `custom` (e.g. ops.route) on `args`, traced or eager as above; in eager with nothing
+    to differentiate, the body alone."""
     flat, sizes = _flatten(args)
-    if _tracing(t for t in flat if isinstance(t, Tensor)):
+    tensors = [t for t in flat if isinstance(t, Tensor)]
+    if _tracing(tensors):
         return custom(*args)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return custom._init_fn(*args)
     return _EagerOp.apply(*flat, custom, sizes)
 
 

@@ -35,7 +35,8 @@ def route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n
 def _scores(logits, scoring):
     """fp32 softmax or sigmoid over the experts. aten's CPU softmax over a short last dim is slow (4096 rows:
     330 µs at E = 8, 66 µs at E = 32, measured here); for E <= 16 the same softmax taken down dim 0 of the
-    transposed view vectorizes across tokens instead (87 µs at E = 8; 211 µs at E = 32, hence the cut)."""
+    transposed view vectorizes across tokens instead (87 µs at E = 8; 211 µs at E = 32, hence the cut).
+    Its backward likewise: 144 µs over the last dim, 10 µs down dim 0, at E = 8."""
     logits = logits.float()
     if scoring != "softmax":
         return logits.sigmoid()
@@ -63,18 +64,21 @@ def _small_topk(scores, k):
 def route_backward(grad_weights, logits, indices, scoring, renormalize, scale):
     """Closed form of d(weights)/d(logits) with the chosen experts fixed; recomputes the [T, E] scores.
 
-    w = scores[indices] (·/Σw when renormalized), · scale. Renormalization: dL/dw_j = (g_j − Σ_m g_m·r_m)/Σw.
-    softmax: dL/dlogits = s ⊙ (G − ⟨G, s⟩), G = dL/dw scattered to [T, E], so ⟨G, s⟩ = Σ_j (dL/dw_j)·w_j.
-    sigmoid: dL/dlogits = dL/dw · w(1 − w) at the chosen experts, zero elsewhere."""
+    w = scores[indices] (·/Σw when renormalized), · scale. Renormalization: dL/dw_j = (g_j − Σ_m g_m·r_m)/Σw
+    with r = w/Σw. Then dL/dw is scattered to [T, E] and taken through the softmax's own fused backward, or
+    for sigmoid multiplied by w(1 − w). Few ops: at decode sizes each costs more than its arithmetic."""
     scores = _scores(logits, scoring)                                                        # [T, E]
     w = scores.gather(-1, indices)                                                           # [T, k]
-    g = grad_weights.float() * scale
+    g = grad_weights if scale == 1.0 else grad_weights * scale
     if renormalize:
         total = w.sum(-1, keepdim=True)
         g = (g - (g * w).sum(-1, keepdim=True) / total) / total
     if scoring == "softmax":
-        grad = scores * -(g * w).sum(-1, keepdim=True)                                       # −s·⟨G, s⟩
-        grad.scatter_add_(-1, indices, g * w)                                                # + s ⊙ G
+        grad_scores = torch.zeros_like(scores).scatter_(-1, indices, g)                      # scores' layout
+        if scores.stride(-1) != 1:  # the transposed softmax of _scores: its backward runs down dim 0 too
+            grad = torch._softmax_backward_data(grad_scores.t(), scores.t(), 0, torch.float32).t()
+        else:
+            grad = torch._softmax_backward_data(grad_scores, scores, -1, torch.float32)
     else:
         grad = torch.zeros_like(scores).scatter_(-1, indices, g * w * (1 - w))
     return grad.to(logits.dtype)
