@@ -10,7 +10,8 @@ timed region):
              (ops.call: in eager, the op's body under an autograd.Function)
   triton     the same with backend="triton", only when a CUDA device is present (Triton on CPU is an
              interpreter for tests; timing it would measure numpy)
-Median of --iters steps after warm-up, implementations in turns (benchmarks/common.py), fp32, glibc malloc
+Median of --iters samples after warm-up, implementations in turns (benchmarks/common.py); a sample repeats an
+op that takes less than 20 ms enough times to last about 20 ms (reported: time per call). fp32, glibc malloc
 tunables as in moe_layer.py. Inputs: tokens [T, D] ~ N(0, 1), router logits ~ N(0, 1), weights ~ N(0, 0.02).
 
 Floors. At start-up the script measures this machine's copy bandwidth (a 256 MiB tensor copy) and fp32
@@ -109,7 +110,7 @@ def op_runners(backend, x, logits, w, E, k, capacity, inp):
     impl = reference if backend == "reference" else None
     route = impl.route if impl else lambda *a: ops.call(ops.route, *a, backend)
     dispatch = impl.dispatch if impl else lambda *a: ops.call(ops.dispatch, *a, backend)
-    ffn = impl.expert_ffn if impl else lambda *a: ops.call(ops.expert_ffn, *a, backend)[0]
+    ffn = impl.expert_ffn if impl else lambda *a: ops.call(ops.expert_ffn, *a, torch.is_grad_enabled(), backend)[0]
     combine = impl.combine if impl else lambda *a: ops.call(ops.combine, *a, backend)
     # the same stacked [E, ...] parameters, each passed the way that implementation takes them best: the
     # reference loops over unbound per-expert views (one stack of the gradients); the ops take the stacked
@@ -158,15 +159,15 @@ def bench_case(case, backends, floors, device, iters):
             if err > TOLERANCE:
                 raise SystemExit(f"{name}/{op}: backend {b} differs from the reference (rel err {err:.1e})")
         for passes in ("fwd", "fwd+bwd"):
-            steps = {}
-            for b in backends:
-                fn, inputs = runners[b][op]
-                cot = torch.randn_like(want)
-                step = fn if passes == "fwd" else _fwd_bwd(fn, cot)
-                steps[b] = (_synced(step, device), zero_grads(leaves + inputs))
             ctx = torch.no_grad() if passes == "fwd" else torch.enable_grad()
+            steps, reps = {}, {}
             with ctx:
-                times = time_round_robin(steps, warmup=2, iters=iters)
+                for b in backends:
+                    fn, inputs = runners[b][op]
+                    step = fn if passes == "fwd" else _fwd_bwd(fn, torch.randn_like(want))
+                    steps[b], reps[b] = _repeated(step, zero_grads(leaves + inputs), device)
+                times = time_round_robin({b: (s, None) for b, s in steps.items()}, warmup=2, iters=iters)
+            times = {b: t / reps[b] for b, t in times.items()}
             floor_s, nbytes, nflops = floor_seconds(op, passes, T, D, F, E, k, N, floors)
             rows.append({"case": name, "op": op, "pass": passes, "T": T, "D": D, "F": F, "E": E, "k": k, "N": N,
                          "ms": times, "bytes": nbytes, "flops": nflops, "floor_ms": floor_s * 1e3,
@@ -180,11 +181,23 @@ def _fwd_bwd(fn, cot):
     return step
 
 
-def _synced(step, device):
+def _repeated(step, reset, device, min_s=0.02):
+    """(a step that runs `reset(); step()` n times, then syncs; n). n makes one timed sample last about
+    `min_s`: a single call of a microsecond-scale op (route at 64 tokens) is below this machine's noise.
+    The resets (dropping .grad) are inside the timed region, the same few µs for every implementation."""
+    reset()
+    step()
+    _sync(device)
+    reset()
+    once = _timed(step, device)
+    n = max(1, min(1000, round(min_s / max(once, 1e-7))))
+
     def run():
-        step()
+        for _ in range(n):
+            reset()
+            step()
         _sync(device)
-    return run
+    return run, n
 
 
 def main():

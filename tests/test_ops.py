@@ -14,8 +14,9 @@ class Ops:
     lowering calls them (ops.call: the eager path; opcheck below covers the custom ops themselves)."""
 
     def __init__(self, backend):
-        for name in ("route", "dispatch", "expert_ffn", "combine"):
+        for name in ("route", "dispatch", "combine"):
             setattr(self, name, lambda *args, op=getattr(ops, name): ops.call(op, *args, backend))
+        self.expert_ffn = lambda *args: ops.call(ops.expert_ffn, *args, True, backend)  # save for backward
 
 CASES = [  # T, D, F, E, k, activation, bias, capacity
     (10, 6, 5, 4, 2, "swiglu", False, -1),
@@ -136,12 +137,12 @@ def test_opcheck(backend):
     x_perm, order, counts = ops.dispatch(x, idx, E, -1, 0, backend)
     ws = [[torch.randn(*s, requires_grad=True) for _ in range(E)] for s in ((F, D), (D, F), (F, D))]
     torch.library.opcheck(ops.expert_ffn, (x_perm.detach().requires_grad_(), counts, *ws, [], [], [],
-                                           "swiglu", "", 1.702, 7.0, backend))
+                                           "swiglu", "", 1.702, 7.0, True, backend))
     fused = [torch.randn(E, 2 * F, D, requires_grad=True)], [torch.randn(E, D, F, requires_grad=True)]
     torch.library.opcheck(ops.expert_ffn, (x_perm.detach().requires_grad_(), counts, *fused, [],
                                            [torch.randn(E, 2 * F, requires_grad=True)],
                                            [torch.randn(E, D, requires_grad=True)], [], "swiglu", "interleaved",
-                                           1.702, 7.0, backend))
+                                           1.702, 7.0, True, backend))
     y = torch.randn(T * k, D, requires_grad=True)
     w = weights.detach().requires_grad_()
     torch.library.opcheck(ops.combine, (y, order, w, None, backend))
@@ -160,3 +161,17 @@ def test_native_route_fast_paths_match_reference(E, k, scoring):
     (g1,) = torch.autograd.grad(got[0], logits, cot)
     (g2,) = torch.autograd.grad(want[0], logits, cot)
     torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_ffn_without_save_matches(backend):
+    """save=False (inference): same y, nothing kept for a backward."""
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5])
+    x = torch.randn(8, 6)
+    w = [[torch.randn(3, 4, 6)], [torch.randn(3, 6, 4)], [torch.randn(3, 4, 6)]]
+    with torch.no_grad():
+        kept = ops.call(ops.expert_ffn, x, counts, *w, [], [], [], "swiglu", "", 1.702, 7.0, True, backend)
+        lean = ops.call(ops.expert_ffn, x, counts, *w, [], [], [], "swiglu", "", 1.702, 7.0, False, backend)
+    torch.testing.assert_close(lean[0], kept[0])
+    assert all(t.shape[0] == 0 for t in lean[1:])

@@ -196,20 +196,21 @@ _register_autograd(dispatch, _dispatch_backward, _dispatch_setup)
 # gated or fused, biases) is [] (the schema has no optional lists). `fused` ("", "halves", "interleaved")
 # says how a fused gate/up w1 [2F, D] splits. Besides y, returns the tensors the backward reuses:
 # g1 (first-layer output), u (separate up projection), a = act(gate), h = a·up. What they hold is the
-# backend's own business (its backward reads them); the reference backend saves nothing (zero rows).
+# backend's own business (its backward reads them); they have zero rows when `save` is false (nothing will
+# be differentiated) and always for the reference backend, which recomputes.
 @op("moecompile::expert_ffn", mutates_args=())
 def expert_ffn(x_perm: Tensor, counts: Tensor, w1: Tensors, w2: Tensors, w3: Tensors,
                b1: Tensors, b2: Tensors, b3: Tensors, activation: str, fused: str, alpha: float, limit: float,
-               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               save: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return kernels(backend).expert_ffn_forward(x_perm, counts, w1, w2, w3 or None, b1 or None, b2 or None,
-                                               b3 or None, activation, fused, alpha, limit)
+                                               b3 or None, activation, fused, alpha, limit, save=save)
 
 
 @expert_ffn.register_fake
-def _(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, backend):
+def _(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, save, backend):
     N, F1, F_ = x_perm.shape[0], w1[0].shape[-2], w2[0].shape[-1]
     y = x_perm.new_empty(N, w2[0].shape[-2])
-    if backend == "reference":
+    if backend == "reference" or not save:
         return y, x_perm.new_empty(0, F1), *(x_perm.new_empty(0, F_) for _ in range(3))
     gated = bool(w3) or bool(fused)
     return (y, x_perm.new_empty(N, F1), x_perm.new_empty(N if w3 else 0, F_), x_perm.new_empty(N, F_),
@@ -247,7 +248,8 @@ def _stacked(ws: Tensors, dim: int) -> bool:
 
 
 def _ffn_setup(ctx, inputs, output):
-    x_perm, counts, w1, w2, w3, b1, b2, b3, ctx.activation, ctx.fused, ctx.alpha, ctx.limit, ctx.backend = inputs
+    x_perm, counts, w1, w2, w3, b1, b2, b3, ctx.activation, ctx.fused, ctx.alpha, ctx.limit, ctx.save, \
+        ctx.backend = inputs
     ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no [N, F] zero tensors
     ctx.sizes = [len(t) for t in (w1, w2, w3, b1, b2, b3)]
     ctx.stacked = [_stacked(ws, dim) for ws, dim in zip((w1, w2, w3, b1, b2, b3), _ROLE_DIMS)]
@@ -255,6 +257,8 @@ def _ffn_setup(ctx, inputs, output):
 
 
 def _ffn_backward(ctx, grad_y, *_grad_saved):
+    if not ctx.save and ctx.backend != "reference":
+        raise RuntimeError("moecompile::expert_ffn ran with save=False, so it cannot be differentiated")
     x_perm, counts, *rest = ctx.saved_tensors
     saved, flat = rest[:4], rest[4:]
     lists = []
@@ -267,7 +271,7 @@ def _ffn_backward(ctx, grad_y, *_grad_saved):
     grads = iter(grads)
     ordered = [[] if not n else [next(grads)] if stacked else list(next(grads).unbind(0))
                for n, stacked in zip(ctx.sizes, ctx.stacked)]
-    return (grad_x if need_x else None, None, *ordered) + (None,) * 5
+    return (grad_x if need_x else None, None, *ordered) + (None,) * 6
 
 
 _register_autograd(expert_ffn, _ffn_backward, _ffn_setup)

@@ -108,7 +108,7 @@ def dispatch_backward(grad_x_perm, order, k, num_tokens):
     return grad_x_perm.new_zeros(num_tokens, grad_x_perm.shape[1]).index_add_(0, order // k, grad_x_perm)
 
 
-def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
+def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, save=True):
     """→ y and no saved tensors (zero rows: the backward recomputes)."""
     y = expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit)
     F1, F_ = per_expert(w1, 3)[0].shape[-2], per_expert(w2, 3)[0].shape[-1]

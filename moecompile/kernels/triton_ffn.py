@@ -62,7 +62,8 @@ def _base_activation(activation):
     return {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
 
 
-def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
+def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, save=True):
+    """→ (y, g1, u, a, h) as native.expert_ffn_forward; without `save` the saved tensors have 0 rows."""
     W1, W2, W3 = stacked(w1, 3), stacked(w2, 3), stacked(w3, 3)          # [E, F1, D], [E, D, F], [E, F, D]
     B1, B2, B3 = stacked(b1, 2), stacked(b2, 2), stacked(b3, 2)          # [E, F1], [E, D], [E, F]
     N, F_ = x_perm.shape[0], W2.shape[2]
@@ -78,7 +79,7 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
                    limit=limit, bias_gate=b_gate, bias_up=b_up, out=(g_out, u_out, a, h if gated else None),
                    config=_config(x_perm))
     y = grouped_mm(h if gated else a, W2, rows, bias=B2, config=_config(x_perm))
-    return y, g1, u, a, h
+    return (y, g1, u, a, h) if save else (y, *(t[:0] for t in (g1, u, a, h)))
 
 
 def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit,
