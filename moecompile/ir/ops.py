@@ -54,13 +54,15 @@ def _register_autograd(custom, backward, setup):
 
 
 def call(custom, *args):
-    """Run canonical op `custom` (e.g. ops.route) on `args`, traced or eager as above; in eager with nothing
-    to differentiate, the body alone."""
+    """Run canonical op `custom` (e.g. ops.route) on `args`, traced or eager as above. In eager the body
+    runs alone when there is nothing to differentiate, or when the backend's forward is plain
+    differentiable torch (its DIFFERENTIABLE set): autograd then records it as it would any model code."""
     flat, sizes = _flatten(args)
     tensors = [t for t in flat if isinstance(t, Tensor)]
     if _tracing(tensors):
         return custom(*args)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or \
+            custom._name.split("::")[-1] in kernels(args[-1]).DIFFERENTIABLE:
         return custom._init_fn(*args)
     return _EagerOp.apply(*flat, custom, sizes)
 
@@ -108,9 +110,8 @@ class _EagerOp(torch.autograd.Function):
 def route(logits: Tensor, score_bias: Optional[Tensor], num_experts: int, top_k: int, scoring: str,
           renormalize: bool, scale: float, n_group: int, topk_group: int, group_score: str,
           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    with torch.no_grad():
-        return kernels(backend).route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale,
-                                      n_group, topk_group, group_score)
+    return kernels(backend).route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n_group,
+                                  topk_group, group_score)
 
 
 @route.register_fake

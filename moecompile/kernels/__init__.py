@@ -1,7 +1,9 @@
 """Kernel backends for the canonical ops (moecompile/ir/ops.py).
 
 Each backend is a namespace of the same eight functions: route, route_backward, dispatch,
-dispatch_backward, expert_ffn_forward, expert_ffn_backward, combine_forward, combine_backward.
+dispatch_backward, expert_ffn_forward, expert_ffn_backward, combine_forward, combine_backward; and
+DIFFERENTIABLE, the ops whose forward is plain differentiable torch, which eager calls may then let
+autograd differentiate instead of the op's formula (ir/ops.call).
 - "native": the fast CPU path (kernels/native.py); plain torch, so it also runs on any other device;
 - "triton": Triton kernels (kernels/triton_*.py) on CUDA, or on CPU under TRITON_INTERPRET=1;
 - "reference": the pure-torch definitions (kernels/reference.py), differentiated by autograd.
@@ -29,7 +31,8 @@ def backend(name: str):
             route=triton_routing.route, route_backward=native.route_backward,  # backward: [T, E] elementwise
             dispatch=triton_routing.dispatch, dispatch_backward=triton_routing.dispatch_backward,
             expert_ffn_forward=triton_ffn.expert_ffn_forward, expert_ffn_backward=triton_ffn.expert_ffn_backward,
-            combine_forward=triton_routing.combine_forward, combine_backward=triton_routing.combine_backward)
+            combine_forward=triton_routing.combine_forward, combine_backward=triton_routing.combine_backward,
+            DIFFERENTIABLE=frozenset())
     raise ValueError(f"unknown kernel backend {name!r}; known: {', '.join(BACKENDS)}")
 
 

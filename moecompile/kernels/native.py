@@ -15,6 +15,9 @@ from moecompile.kernels import reference
 from moecompile.kernels.activations import expert_activation, per_expert, split_gate_up
 
 aten = torch.ops.aten
+# route's forward is plain torch: in eager, autograd through it is cheaper than the closed-form backward at
+# small sizes (fewer tiny ops), which remains for traced graphs
+DIFFERENTIABLE = frozenset({"route"})
 
 
 # ---- routing ---------------------------------------------------------------------------------------------

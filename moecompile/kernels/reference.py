@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from moecompile.kernels.activations import expert_activation, per_expert, split_gate_up
 
+DIFFERENTIABLE = frozenset({"route", "dispatch", "expert_ffn", "combine"})  # all of it is plain torch
+
 
 def route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n_group, topk_group, group_score):
     """logits [T, E] → weights [T, k] fp32, indices [T, k] int64, counts [E] int64."""
