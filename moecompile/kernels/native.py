@@ -49,10 +49,11 @@ def _scores(logits, scoring):
 
 
 def _small_topk(scores, k):
-    """(values, indices) of the k largest per row, descending. For k <= 4 over many rows on CPU, k rounds of
-    max with the winner masked out (measured here for 4096 rows: E = 8, k = 2: 188 µs vs topk's 321;
-    E = 32, k = 4: 778 vs 904); with few rows aten's topk is cheaper (64 rows: 4 µs vs 21)."""
-    if k > 4 or scores.shape[0] < 1024 or scores.device.type != "cpu":
+    """(values, indices) of the k largest per row, descending. For k <= 4 of E <= 16 over many rows on
+    CPU, k rounds of max with the winner masked out (measured here for 4096 rows, E = 8, k = 2: 188 µs vs
+    topk's 321). Not for E = 32, k = 4 (778 vs 904 µs forward, but autograd through four rounds costs more
+    than topk's one scatter), nor for few rows (64 rows: 21 µs vs 4)."""
+    if k > 4 or scores.shape[-1] > 16 or scores.shape[0] < 1024 or scores.device.type != "cpu":
         return scores.topk(k, dim=-1)
     values, indices, work = [], [], scores
     for j in range(k):
