@@ -57,13 +57,13 @@ def call(custom, *args):
     """Run canonical op `custom` (e.g. ops.route) on `args`, traced or eager as above. In eager the body
     runs alone when there is nothing to differentiate, or when the backend's forward is plain
     differentiable torch (its DIFFERENTIABLE set): autograd then records it as it would any model code."""
-    flat, sizes = _flatten(args)
-    tensors = [t for t in flat if isinstance(t, Tensor)]
+    tensors = [t for a in args for t in (a if isinstance(a, list) else (a,)) if isinstance(t, Tensor)]
     if _tracing(tensors):
         return custom(*args)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or \
-            custom._name.split("::")[-1] in kernels(args[-1]).DIFFERENTIABLE:
+    if custom._name in kernels(args[-1]).DIFFERENTIABLE or \
+            not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return custom._init_fn(*args)
+    flat, sizes = _flatten(args)
     return _EagerOp.apply(*flat, custom, sizes)
 
 
