@@ -138,24 +138,23 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
     """→ y [N, D] and saved g1 (first-layer output [N, F1], F1 = 2F when fused), u (separate up
     projection, else [0, F]), a = act(gate) [N, F], h = a·up (gated, else [0, F]: h is a).
 
-    Without `save` (nothing will be differentiated) the saved tensors have 0 rows and each expert's
-    intermediates are temporaries of its own size, reused from the allocator while still in cache: writing
-    them into [N, F] buffers that outlive the call made the forward up to 3x slower per elementwise op."""
+    Without `save` (nothing will be differentiated) it is the reference's loop, and the saved tensors have
+    0 rows: per-expert temporaries stay in cache, where writing [N, F] buffers that outlive the call made
+    the elementwise ops up to 3x slower, and allocating GEMMs measured ~2.5% faster than `mm(out=)`."""
     W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
-    B1, B2, B3 = (per_expert(b, 2) for b in (b1, b2, b3))
     N, F1, F_ = x_perm.shape[0], W1[0].shape[0], W2[0].shape[1]
     gated = W3 is not None or bool(fused)
-
-    def buffers(rows):                                                       # g1, u, a, h
-        return (x_perm.new_empty(rows, F1), x_perm.new_empty(rows if W3 is not None else 0, F_),
-                x_perm.new_empty(rows, F_), x_perm.new_empty(rows if gated else 0, F_))
-
+    saved = (x_perm.new_empty(N if save else 0, F1), x_perm.new_empty(N if save and W3 is not None else 0, F_),
+             x_perm.new_empty(N if save else 0, F_), x_perm.new_empty(N if save and gated else 0, F_))
+    if not save:
+        return (reference.expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit),
+                *saved)
+    B1, B2, B3 = (per_expert(b, 2) for b in (b1, b2, b3))
     y = x_perm.new_empty(N, W2[0].shape[0])
-    saved = buffers(N if save else 0)
     start = 0
     for e, n in enumerate(counts.tolist()):
         r = slice(start, start + n)
-        g1, u, a, h = (t[r] for t in saved) if save else buffers(n)
+        g1, u, a, h = (t[r] for t in saved)
         _linear_into(g1, x_perm[r], W1[e], B1, e)
         if W3 is not None:
             _linear_into(u, x_perm[r], W3[e], B3, e)
