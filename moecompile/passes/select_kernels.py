@@ -1,19 +1,20 @@
 """select_kernels: choose, per canonical op of every lifted block, the kernel backend that runs it.
 
 Contract:   sets `spec.kernels[op]` for op in route, dispatch, expert_ffn, combine of every block in
-            `ctx.lifted`. With `kernels="auto"` the choice follows the device of the block's expert weights
+            `ctx.lifted`. With `kernels="auto"` the choice follows the device of the block's router weight
             and the table below; a named backend ("native", "triton", "reference") is used for every op, and
             one that cannot run on the device is an error that says why, not a silent fallback.
 Invariants: runs before validate, so the chosen kernels are the ones validated; changes no parameter and
             no graph structure, only which implementation each op dispatches to.
 Pseudo-code:
-    for lifted block: device = its expert weight's device type
+    for lifted block: device = its router weight's device type
         kernels = AUTO[device] if options.kernels == "auto" else {op: options.kernels for op in OPS}
         (auto falls back to native where why_no_triton(device) gives a reason)
 
-Why these defaults: on CPU the native path (per-expert blocked GEMMs with aten's out= kernels and fused
-activation backward) is the fastest we have measured (benchmarks/kernels.py); Triton's CPU mode is an
-interpreter for testing, far too slow to run models. On CUDA, Triton's grouped GEMM covers all experts in
+Why these defaults: on CPU the native path (per-expert blocked GEMMs, fused activation backward, gathers
+instead of scatter-adds) is faster than the reference on every op of benchmarks/kernels.py's large cases,
+and slower only on two decode-size ops of tens of microseconds (README, "Kernels"); Triton's CPU mode is
+an interpreter for testing, far too slow to run models. On CUDA, Triton's grouped GEMM covers all experts in
 one launch where the native path launches per expert, and its routing kernels fuse what native does in
 several passes.
 """
