@@ -122,11 +122,11 @@ def to_slots(rows, order, num_slots):
     """rows [N, D] in expert-major order → [num_slots, D] in slot order (t·k+j); dropped slots are zero."""
     N = rows.shape[0]
     inverse = torch.full((num_slots,), N, dtype=order.dtype, device=order.device)
-    inverse[order] = torch.arange(N, device=order.device)
+    inverse.scatter_(0, order, torch.arange(N, device=order.device))  # explicit ops: indexing syntax costs µs
     # some slots dropped: point them at an appended zero row (when tracing with a data-dependent N, assume so)
     if guard_or_true(N < num_slots):
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    return rows[inverse]
+    return rows.index_select(0, inverse)
 
 
 def dispatch_backward(grad_x_perm, order, k, num_tokens):
@@ -298,8 +298,8 @@ def combine_backward(grad_out, y_perm, order, weights, fill):
     T, k = weights.shape
     g_rows = grad_out.index_select(0, order // k)                          # [N, D]
     grad_w = weights.new_zeros(T * k)
-    grad_w[order] = (g_rows * y_perm).sum(-1).to(weights.dtype)
-    grad_y = g_rows.mul_(weights.flatten()[order].to(g_rows.dtype).unsqueeze(-1))
+    grad_w.scatter_(0, order, (g_rows * y_perm).sum(-1).to(weights.dtype))
+    grad_y = g_rows.mul_(weights.flatten().index_select(0, order).to(g_rows.dtype).unsqueeze(-1))
     grad_w = grad_w.view(T, k)
     grad_fill = None
     if fill is not None:
@@ -312,5 +312,5 @@ def combine_backward(grad_out, y_perm, order, weights, fill):
 def _dropped(weights, order):
     """1 where a (token, slot) was dropped by the capacity, else 0: [T, k] in the weights' dtype."""
     dropped = torch.ones(weights.numel(), dtype=weights.dtype, device=weights.device)
-    dropped[order] = 0
+    dropped.index_fill_(0, order, 0)
     return dropped.view(weights.shape)
