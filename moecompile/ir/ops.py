@@ -43,8 +43,9 @@ def _backward_op(custom, backend: str, *tensors: Tensor):
 # ---- eager calls -------------------------------------------------------------------------------------------
 # torch.library's Python path costs ~150 µs per op call with autograd here (argument binding that is
 # quadratic in the argument count, pytree checks), more than route's or combine's kernels at decode sizes.
-# So `call` runs an op through it only while tracing, where the op must appear as one node; in eager it runs
-# the op's body under an autograd.Function with the same setup and formula (the ones registered below).
+# So `call` runs an op through it only while tracing, where the op must appear as one node. In eager it runs
+# the op's body: alone, or under plain autograd, or under an autograd.Function with the same setup and
+# formula as the custom op (the ones registered below), whichever is the cheapest correct one.
 _FORMULAS = {}
 
 
