@@ -112,3 +112,14 @@ def test_gradients_keep_the_weight_layout():
     (_, _), grads = run_both("gelu", "", False, "transposed", [3, 2, 0, 4], torch.float32)
     for got, _, weight in grads[1:]:
         assert got.stride() == weight.stride()
+
+
+@pytest.mark.interpreter
+def test_expert_ffn_autotuned(monkeypatch):
+    """The GPU path autotunes (the interpreter path pins one tiling): the tuned configs give the same
+    results (the accumulating GEMM's own tuning hazard is tested in test_triton_grouped_gemm.py)."""
+    monkeypatch.setattr(triton_ffn, "INTERPRETER_CONFIG", None)
+    (y, y_ref), grads = run_both("swiglu", "", True, "transposed", [2, 6, 3, 0], torch.float32, seed=3)
+    assert_close(y, y_ref, torch.float32)
+    for got, ref, _ in grads:
+        assert_close(got, ref, torch.float32)

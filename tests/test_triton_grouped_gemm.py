@@ -152,3 +152,17 @@ def test_cuda_matches_loop(cuda_triton):
             dy = torch.randn(x.shape[0], w.shape[1], device="cuda").to(dtype)
             assert_close(grouped_mm(x, w, counts), ref_mm(x, w, counts))
             assert_close(grouped_mm_weight_grad(dy, x, counts), ref_weight_grad(dy, x, counts))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("config", [None, SMALL], ids=["autotuned", "pinned"])
+def test_accumulate_and_bias_into_out(config):
+    """y += x @ w[e]ᵀ + bias[e] into a given strided out. Autotuning runs the kernel once per config, so the
+    accumulator must be restored between runs (it was not: the GPU path's input gradient came out wrong)."""
+    x, w, counts = make_case("ragged", torch.float32)
+    bias = torch.randn(w.shape[0], w.shape[1])
+    base = torch.randn(w.shape[1], x.shape[0]).T                          # a transposed out
+    out = base.clone()
+    grouped_mm(x, w, counts, bias=bias, out=out, accumulate=True, config=config)
+    want = base + ref_mm(x, w, counts) + bias.repeat_interleave(counts, 0)
+    assert_close(out, want)

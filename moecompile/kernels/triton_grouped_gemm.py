@@ -221,9 +221,12 @@ def _grouped_mm_act_grad_kernel(
 
 
 _KEY = ["N_BUCKET", "Nout", "K"]
-_grouped_mm_tuned, _grouped_mm_act_tuned, _grouped_mm_act_grad_tuned = (
+# tuning runs a kernel once per config: an accumulating GEMM (y += x @ wᵀ) must find y as it was each time
+_grouped_mm_tuned = triton.autotune(configs=_MM_CONFIGS, key=_KEY, do_bench=_bench, restore_value=["y_ptr"])(
+    _grouped_mm_kernel)
+_grouped_mm_act_tuned, _grouped_mm_act_grad_tuned = (
     triton.autotune(configs=_MM_CONFIGS, key=_KEY, do_bench=_bench)(kernel)
-    for kernel in (_grouped_mm_kernel, _grouped_mm_act_kernel, _grouped_mm_act_grad_kernel))
+    for kernel in (_grouped_mm_act_kernel, _grouped_mm_act_grad_kernel))
 
 
 # ---- dW[e] = dy[rows_e]ᵀ @ x[rows_e] -------------------------------------------------------------------------
