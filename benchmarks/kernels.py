@@ -40,8 +40,8 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (RESULTS_DIR, fmt_ms, fmt_ratio, machine_info, progress, rel_err, stable_malloc,  # noqa: E402
-                    table, time_round_robin, write_json, zero_grads)
+from common import (RESULTS_DIR, fmt_ms, fmt_ratio, fwd_bwd_step, machine_info, progress, rel_err,  # noqa: E402
+                    stable_malloc, table, time_round_robin, write_json, zero_grads)
 
 from moecompile.ir import ops  # noqa: E402
 from moecompile.kernels import reference  # noqa: E402
@@ -164,7 +164,7 @@ def bench_case(case, backends, floors, device, iters):
             with ctx:
                 for b in backends:
                     fn, inputs = runners[b][op]
-                    step = fn if passes == "fwd" else _fwd_bwd(fn, torch.randn_like(want))
+                    step = fn if passes == "fwd" else fwd_bwd_step(fn, torch.randn_like(want))
                     steps[b], reps[b] = _repeated(step, zero_grads(leaves + inputs), device)
                 times = time_round_robin({b: (s, None) for b, s in steps.items()}, warmup=2, iters=iters)
             times = {b: t / reps[b] for b, t in times.items()}
@@ -173,12 +173,6 @@ def bench_case(case, backends, floors, device, iters):
                          "ms": times, "bytes": nbytes, "flops": nflops, "floor_ms": floor_s * 1e3,
                          "speedup_vs_reference": {b: times["reference"] / times[b] for b in backends}})
     return rows
-
-
-def _fwd_bwd(fn, cot):
-    def step():
-        (fn() * cot).sum().backward()
-    return step
 
 
 def _repeated(step, reset, device, min_s=0.02):

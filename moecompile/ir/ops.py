@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from moecompile.kernels import backend as kernels
+from moecompile.kernels.activations import grad_buffer, is_stacked
 
 Tensors = list[Tensor]
 op = torch.library.custom_op
@@ -237,16 +238,10 @@ def expert_ffn_backward(grad_y: Tensor, x_perm: Tensor, counts: Tensor, g1: Tens
 def _(grad_y, x_perm, counts, g1, u, a, h, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, need_x,
       backend):
     grad_x = x_perm.new_empty(x_perm.shape[0] if need_x else 0, x_perm.shape[1])
-    return [grad_x] + [torch.empty_like(ws[0]) if _stacked(ws, dim) else ws[0].new_empty(len(ws), *ws[0].shape)
-                       for ws, dim in zip((w1, w2, w3, b1, b2, b3), _ROLE_DIMS) if ws]
+    return [grad_x] + [grad_buffer(ws, dim) for ws, dim in zip((w1, w2, w3, b1, b2, b3), _ROLE_DIMS) if ws]
 
 
 _ROLE_DIMS = (3, 3, 3, 2, 2, 2)  # dims of a stacked w1, w2, w3, b1, b2, b3
-
-
-def _stacked(ws: Tensors, dim: int) -> bool:
-    """One stacked [E, ...] tensor rather than E per-expert ones (kernels/activations.per_expert)."""
-    return len(ws) == 1 and ws[0].dim() == dim
 
 
 def _ffn_setup(ctx, inputs, output):
@@ -254,7 +249,7 @@ def _ffn_setup(ctx, inputs, output):
         ctx.backend = inputs
     ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no [N, F] zero tensors
     ctx.sizes = [len(t) for t in (w1, w2, w3, b1, b2, b3)]
-    ctx.stacked = [_stacked(ws, dim) for ws, dim in zip((w1, w2, w3, b1, b2, b3), _ROLE_DIMS)]
+    ctx.stacked = [is_stacked(ws, dim) for ws, dim in zip((w1, w2, w3, b1, b2, b3), _ROLE_DIMS)]
     ctx.save_for_backward(x_perm, counts, *output[1:], *w1, *w2, *w3, *b1, *b2, *b3)
 
 

@@ -1,4 +1,5 @@
-"""Expert activations, shared by every kernel path: h = act(g) or, for gated ones, act(g, u)."""
+"""Shared by every kernel path: expert activations (h = act(g) or, for gated ones, act(g, u)) and the
+helpers that read the ops' weight arguments (E per-expert tensors or one stacked [E, ...] tensor)."""
 import torch
 import torch.nn.functional as F
 
@@ -23,20 +24,41 @@ def expert_activation(g: torch.Tensor, u: torch.Tensor | None, kind: str, alpha:
     raise ValueError(f"unknown expert activation {kind!r}")
 
 
+def is_stacked(ws, stacked_dim: int) -> bool:
+    """Whether a weight list as the ops receive it is one stacked [E, ...] tensor of `stacked_dim` dims
+    rather than E per-expert tensors."""
+    return len(ws) == 1 and ws[0].dim() == stacked_dim
+
+
 def per_expert(ws, stacked_dim: int):
-    """A weight list as the ops receive it — E per-expert tensors, or one stacked [E, ...] tensor of
-    `stacked_dim` dims — as something indexable by expert (None stays None)."""
+    """A weight list as the ops receive it as something indexable by expert (None stays None)."""
     if ws is None:
         return None
-    return ws[0] if len(ws) == 1 and ws[0].dim() == stacked_dim else ws
+    return ws[0] if is_stacked(ws, stacked_dim) else ws
 
 
-def split_gate_up(g1: torch.Tensor, u: torch.Tensor | None, fused: str):
-    """(gate, up) from the first layer's output: one fused projection read as halves ([gate; up]) or
-    interleaved (gate even, up odd features), or a separate up projection `u`."""
+def grad_buffer(ws, stacked_dim: int):
+    """The one [E, ...] gradient every backend returns for a weight list (None or empty: None): with the
+    weight's own strides when it was passed stacked (autograd then accumulates it without a copy),
+    contiguous when it came as E per-expert tensors."""
+    if not ws:
+        return None
+    return torch.empty_like(ws[0]) if is_stacked(ws, stacked_dim) else ws[0].new_empty(len(ws), *ws[0].shape)
+
+
+def gate_activation(activation: str) -> str:
+    """The elementwise function applied to the gate: a gated activation's base (swiglu → silu)."""
+    return {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
+
+
+def split_gate_up(first: torch.Tensor, up: torch.Tensor | None, fused: str, dim: int = -1):
+    """(gate, up) of the first layer, along `dim` (features of an output, or rows of a [E, F1, D] weight):
+    one fused projection read as halves ([gate; up]) or interleaved (gate even, up odd), else `first`
+    and the separate up projection `up`. Views, never copies."""
     if fused == "halves":
-        F_ = g1.shape[-1] // 2
-        return g1[..., :F_], g1[..., F_:]
+        F_ = first.shape[dim] // 2
+        return first.narrow(dim, 0, F_), first.narrow(dim, F_, F_)
     if fused == "interleaved":
-        return g1[..., 0::2], g1[..., 1::2]
-    return g1, u
+        lead = (slice(None),) * (dim % first.dim())
+        return first[lead + (slice(0, None, 2),)], first[lead + (slice(1, None, 2),)]
+    return first, up

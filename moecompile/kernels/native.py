@@ -15,7 +15,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from moecompile.kernels import reference
-from moecompile.kernels.activations import expert_activation, per_expert, split_gate_up
+from moecompile.kernels.activations import expert_activation, gate_activation, grad_buffer, per_expert, split_gate_up
 
 aten = torch.ops.aten
 # route's forward is plain torch: in eager, autograd through it is cheaper than the closed-form backward at
@@ -173,14 +173,9 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
     return (y, *saved)
 
 
-def _gate_activation(activation: str) -> str:
-    """The elementwise function applied to the gate: a gated activation's base (swiglu → silu)."""
-    return {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
-
-
 def _act_into(out, g, activation):
     """out = act(g) without a temporary (aten's out= kernels)."""
-    base = _gate_activation(activation)
+    base = gate_activation(activation)
     if base == "silu":
         return aten.silu.out(g, out=out)
     if base in ("gelu", "gelu_tanh"):
@@ -192,7 +187,7 @@ def _act_into(out, g, activation):
 
 def _act_backward_into(out, grad, g, activation):
     """out = grad · act'(g), with aten's fused backward kernels."""
-    base = _gate_activation(activation)
+    base = gate_activation(activation)
     if base == "silu":
         return aten.silu_backward.grad_input(grad, g, grad_input=out)
     if base in ("gelu", "gelu_tanh"):
@@ -220,13 +215,13 @@ def _mm_into(out, a, b):
 def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit,
                         need_x=True):
     """→ grad_x [N, D] (None unless `need_x`: e.g. the block's input needs no gradient) and, per role w1,
-    w2, w3, b1, b2, b3, one stacked gradient (see `_grad_buffer`), None where absent."""
+    w2, w3, b1, b2, b3, one stacked gradient (activations.grad_buffer), None where absent."""
     W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
     g1_all, u_all, a_all, h_all = saved
     gated, has_bias = W3 is not None or bool(fused), b1 is not None
-    grads = {"w1": _grad_buffer(w1), "w2": _grad_buffer(w2), "w3": _grad_buffer(w3)}
+    grads = {"w1": grad_buffer(w1, 3), "w2": grad_buffer(w2, 3), "w3": grad_buffer(w3, 3)}
     if has_bias:
-        grads.update(b1=_grad_buffer(b1, 2), b2=_grad_buffer(b2, 2), b3=_grad_buffer(b3, 2))
+        grads.update(b1=grad_buffer(b1, 2), b2=grad_buffer(b2, 2), b3=grad_buffer(b3, 2))
     grad_x = torch.empty_like(x_perm) if need_x else None
     start = 0
     for e, n in enumerate(counts.tolist()):
@@ -259,15 +254,6 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
                 torch.sum(grad_u, 0, out=grads["b3"][e])
         start += n
     return grad_x, grads
-
-
-def _grad_buffer(ws, stacked_dim: int = 3):
-    """One [E, ...] gradient buffer per role: with the weight's own strides when it was passed stacked
-    (so autograd accumulates it without a copy), contiguous when it came as E per-expert tensors."""
-    w = per_expert(ws, stacked_dim)
-    if w is None:
-        return None
-    return torch.empty_like(w) if isinstance(w, torch.Tensor) else w[0].new_empty(len(w), *w[0].shape)
 
 
 def _clamped_swiglu_backward_into(grad_g, grad_u, grad_h, g, u, alpha, limit):

@@ -8,7 +8,7 @@ definitions, so `kernels="reference"` runs them as the canonical ops.
 import torch
 import torch.nn.functional as F
 
-from moecompile.kernels.activations import expert_activation, per_expert, split_gate_up
+from moecompile.kernels.activations import expert_activation, is_stacked, per_expert, split_gate_up
 
 DIFFERENTIABLE = frozenset({"route", "dispatch", "expert_ffn", "combine"})  # all of it is plain torch
 
@@ -133,7 +133,7 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
     grads, at = {}, 0
     for name, ws, n, dim in zip(("w1", "w2", "w3", "b1", "b2", "b3"), lists, sizes, (3, 3, 3, 2, 2, 2)):
         # one stacked gradient per role, as every backend returns it
-        grads[name] = None if not n else flat[at] if per_expert(ws, dim) is ws[0] else torch.stack(flat[at:at + n])
+        grads[name] = None if not n else flat[at] if is_stacked(ws, dim) else torch.stack(flat[at:at + n])
         at += n
     return (grad_x if need_x else None), grads
 

@@ -19,6 +19,7 @@ returned stacked, like every backend's.
 """
 import torch
 
+from moecompile.kernels.activations import gate_activation, grad_buffer, is_stacked, split_gate_up
 from moecompile.kernels.triton_grouped_gemm import (RowBlocks, grouped_mm, grouped_mm_act, grouped_mm_act_grad,
                                                     grouped_mm_weight_grad)
 
@@ -34,7 +35,7 @@ def stacked(ws, dim: int):
     """The op's weight list (E tensors, or one stacked [E, ...]) as one [E, ...] tensor; None stays None."""
     if not ws:
         return None
-    if len(ws) == 1 and ws[0].dim() == dim:
+    if is_stacked(ws, dim):
         return ws[0]
     first = ws[0]
     step = ws[1].storage_offset() - first.storage_offset() if len(ws) > 1 else first.numel()
@@ -48,18 +49,14 @@ def stacked(ws, dim: int):
 
 
 def _gate_up(w, w3, fused):
-    """(gate, up) views of the first layer: a fused [E, 2F, ...] weight's halves or even/odd rows, or w
-    and a separate w3 (None when the FFN is not gated)."""
-    if fused == "halves":
-        F_ = w.shape[1] // 2
-        return w[:, :F_], w[:, F_:]
-    if fused == "interleaved":
-        return w[:, 0::2], w[:, 1::2]
-    return w, w3
+    """(gate, up) views of a first-layer weight [E, F1, D] or bias [E, F1] (w3/b3: the separate up one)."""
+    return split_gate_up(w, w3, fused, dim=1)
 
 
-def _base_activation(activation):
-    return {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
+def _saved_gate_up(g1, u, fused):
+    """(gate, up) of this backend's saved first-layer output (or its gradient): [gate | up] halves whenever
+    the weight is fused, whatever the weight's own layout; else g1 and the separate up projection `u`."""
+    return split_gate_up(g1, u, "halves" if fused else "")
 
 
 def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, save=True):
@@ -74,8 +71,8 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
     a, h = x_perm.new_empty(N, F_), x_perm.new_empty(N if gated else 0, F_)
     w_gate, w_up = _gate_up(W1, W3, fused)
     b_gate, b_up = _gate_up(B1, B3, fused) if B1 is not None else (None, None)
-    g_out, u_out = (g1[:, :F_], g1[:, F_:]) if fused else (g1, u if W3 is not None else None)
-    grouped_mm_act(x_perm, w_gate, w_up, rows, activation=_base_activation(activation), alpha=alpha,
+    g_out, u_out = _saved_gate_up(g1, u if W3 is not None else None, fused)
+    grouped_mm_act(x_perm, w_gate, w_up, rows, activation=gate_activation(activation), alpha=alpha,
                    limit=limit, bias_gate=b_gate, bias_up=b_up, out=(g_out, u_out, a, h if gated else None),
                    config=_config(x_perm))
     y = grouped_mm(h if gated else a, W2, rows, bias=B2, config=_config(x_perm))
@@ -88,18 +85,18 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
     weights came in, or None})."""
     W1, W2, W3 = stacked(w1, 3), stacked(w2, 3), stacked(w3, 3)
     g1, u, a, h = saved
-    N, F_ = x_perm.shape[0], W2.shape[2]
+    N = x_perm.shape[0]
     gated, cfg = W3 is not None or bool(fused), _config(x_perm)
     rows = RowBlocks(counts, N)
     grad_y = grad_y.contiguous()
-    g, up = (g1[:, :F_], g1[:, F_:]) if fused else (g1, u if W3 is not None else None)
+    g, up = _saved_gate_up(g1, u if W3 is not None else None, fused)
     grad_g1 = torch.empty_like(g1)
     grad_u = torch.empty_like(u)
-    dg, du = (grad_g1[:, :F_], grad_g1[:, F_:]) if fused else (grad_g1, grad_u if W3 is not None else None)
-    grouped_mm_act_grad(grad_y, W2.transpose(1, 2), rows, g, up, activation=_base_activation(activation),
+    dg, du = _saved_gate_up(grad_g1, grad_u if W3 is not None else None, fused)
+    grouped_mm_act_grad(grad_y, W2.transpose(1, 2), rows, g, up, activation=gate_activation(activation),
                         alpha=alpha, limit=limit, out=(dg, du), config=cfg)
 
-    grads = {name: _grad_buffer(ws, dim) for name, ws, dim in
+    grads = {name: grad_buffer(ws, dim) for name, ws, dim in
              (("w1", w1, 3), ("w2", w2, 3), ("w3", w3, 3), ("b1", b1, 2), ("b2", b2, 2), ("b3", b3, 2))}
     grouped_mm_weight_grad(grad_y, h if gated else a, rows, out=grads["w2"], config=cfg)
     dw_gate, dw_up = _gate_up(grads["w1"], grads["w3"], fused)
@@ -120,12 +117,3 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
             grouped_mm(du, w_up.transpose(1, 2), rows, out=grad_x, accumulate=True, config=cfg)
     return grad_x, grads
 
-
-def _grad_buffer(ws, dim):
-    """One [E, ...] gradient per role, as native._grad_buffer: the weight's own strides when it was passed
-    stacked (autograd then accumulates it without a copy), else contiguous."""
-    if not ws:
-        return None
-    if len(ws) == 1 and ws[0].dim() == dim:
-        return torch.empty_like(ws[0])
-    return ws[0].new_empty(len(ws), *ws[0].shape)

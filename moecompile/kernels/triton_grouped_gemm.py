@@ -20,6 +20,7 @@ Both wrappers take CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run) 
 and neither reads ``counts`` back to the host: the launch grids are sized from ``x.shape`` alone, and
 programs that find no work in the tile map return at once.
 """
+import functools
 import os
 import time
 
@@ -64,17 +65,21 @@ _MM_BLOCK_MS = (64, 128)  # BLOCK_M of table MAP_ROW
 
 
 @triton.jit
-def _row_tile(tile_map_ptr, stride_map, BLOCK_M: tl.constexpr, MAP_ROW: tl.constexpr):
-    """This program's (expert, rows, row mask, whether it has no rows) from the tile map.
+def _out_tile(tile_map_ptr, stride_map, Nout,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAP_ROW: tl.constexpr):
+    """This program's output tile: (expert, rows, row mask, columns, column mask, whether it has no rows).
 
-    Axis 0 walks the row tiles, laid out per expert: at most BLOCK_M rows [row_start, row_end) that never
-    cross into the next expert, so a whole tile multiplies by a single weight matrix."""
+    Axis 0 walks the row tiles from the tile map, laid out per expert: at most BLOCK_M rows
+    [row_start, row_end) that never cross into the next expert, so a whole tile multiplies by a single
+    weight matrix. Axis 1 walks BLOCK_N output columns. The grid is an upper bound on the tile count (no
+    device→host sync): spare programs find no rows and must return."""
     entry = tile_map_ptr + MAP_ROW * stride_map + tl.program_id(0) * 3
     expert = tl.load(entry)
     row_start = tl.load(entry + 1)
     row_end = tl.load(entry + 2)
     offs_m = row_start + tl.arange(0, BLOCK_M)
-    return expert, offs_m, offs_m < row_end, row_start >= row_end
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, offs_m, offs_m < row_end, offs_n, offs_n < Nout, row_start >= row_end
 
 
 @triton.jit
@@ -125,12 +130,10 @@ def _grouped_mm_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """One BLOCK_M × BLOCK_N tile of y = x @ w[e]ᵀ (+ bias[e]) (+ y when ACCUMULATE); axis 1 walks columns."""
-    expert, offs_m, mask_m, idle = _row_tile(tile_map_ptr, stride_map, BLOCK_M, MAP_ROW)
-    # the grid is an upper bound on the tile count (no device→host sync); spare programs have no rows
+    expert, offs_m, mask_m, offs_n, mask_n, idle = _out_tile(tile_map_ptr, stride_map, Nout, BLOCK_M, BLOCK_N,
+                                                             MAP_ROW)
     if idle:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < Nout
     acc = _tile_dot(x_ptr, w_ptr, expert, offs_m, mask_m, offs_n, mask_n, K, stride_xm, stride_xk,
                     stride_we, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     if HAS_BIAS:
@@ -159,11 +162,10 @@ def _grouped_mm_act_kernel(
     g = x @ wg[e]ᵀ (+ bg), and when GATED u = x @ wu[e]ᵀ (+ bu) from the same x tiles; then a = act(g) and
     h = a · up_factor(u) are computed in registers. g, u, a, h are all stored (the backward reads them), so
     the separate activation pass, which would read g and u back from memory, is gone."""
-    expert, offs_m, mask_m, idle = _row_tile(tile_map_ptr, stride_map, BLOCK_M, MAP_ROW)
+    expert, offs_m, mask_m, offs_n, mask_n, idle = _out_tile(tile_map_ptr, stride_map, Nout, BLOCK_M, BLOCK_N,
+                                                             MAP_ROW)
     if idle:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < Nout
     mask = mask_m[:, None] & mask_n[None, :]
     g = _tile_dot(x_ptr, wg_ptr, expert, offs_m, mask_m, offs_n, mask_n, K, stride_xm, stride_xk,
                   stride_wge, stride_wgn, stride_wgk, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
@@ -200,11 +202,10 @@ def _grouped_mm_act_grad_kernel(
     [E, F, D] view of w2) stays in registers, and the epilogue reloads g (and u) to write
     dg = grad_h · up_factor(u) · act'(g) and du = grad_h · act(g) · up_factor'(u). act(g) is recomputed
     from g rather than read back: arithmetic is cheaper than the memory pass."""
-    expert, offs_m, mask_m, idle = _row_tile(tile_map_ptr, stride_map, BLOCK_M, MAP_ROW)
+    expert, offs_m, mask_m, offs_n, mask_n, idle = _out_tile(tile_map_ptr, stride_map, Nout, BLOCK_M, BLOCK_N,
+                                                             MAP_ROW)
     if idle:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < Nout
     mask = mask_m[:, None] & mask_n[None, :]
     grad_h = _tile_dot(dy_ptr, w_ptr, expert, offs_m, mask_m, offs_n, mask_n, K, stride_dym, stride_dyk,
                        stride_we, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
@@ -355,9 +356,12 @@ class RowBlocks:
             self._maps[block_ms] = _tile_map(self.counts, self.num_rows, block_ms)
         return self._maps[block_ms]
 
+    @functools.cached_property
     def bounds(self):
+        """int32 [E, 2] (start, end) rows of each expert, built once: a backward runs up to five weight
+        gradients over the same rows."""
         starts, ends = _expert_bounds(self.counts, self.num_rows)
-        return torch.stack([starts, ends], 1).to(torch.int32).contiguous()                  # [E, 2]
+        return torch.stack([starts, ends], 1).to(torch.int32).contiguous()
 
 
 def _rows(counts, num_rows):
@@ -510,7 +514,7 @@ def grouped_mm_weight_grad(dy, x, counts, *, out=None, config=None):
     if N == 0 or E == 0 or Nout == 0 or K == 0:
         return dw.zero_()
     upcast, precision = _dot_flags(x.dtype)
-    bounds = rows.bounds()
+    bounds = rows.bounds
 
     def grid(meta):
         return (E, triton.cdiv(Nout, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
