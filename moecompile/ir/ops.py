@@ -59,7 +59,12 @@ def call(custom, *args):
     """Run canonical op `custom` (e.g. ops.route) on `args`, traced or eager as above. In eager the body
     runs alone when there is nothing to differentiate, or when the backend's forward is plain
     differentiable torch (its DIFFERENTIABLE set): autograd then records it as it would any model code."""
-    tensors = [t for a in args for t in (a if isinstance(a, list) else (a,)) if isinstance(t, Tensor)]
+    tensors = []  # a plain loop: the nested comprehension cost 4.5 µs of a 30 µs decode-size route
+    for a in args:
+        if type(a) is list:
+            tensors += a
+        elif isinstance(a, Tensor):
+            tensors.append(a)
     if _tracing(tensors):
         return custom(*args)
     if custom._name in kernels(args[-1]).DIFFERENTIABLE or \
