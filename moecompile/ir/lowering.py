@@ -28,8 +28,12 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     w = {k: v or [] for k, v in spec.weights.fetch(block).items()}
     # save what the backward needs only if there will be one: the forward is leaner without
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [x_perm, *(t for ws in w.values() for t in ws)])
-    y_perm, *_ = ops.call(ops.expert_ffn, x_perm, counts, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
-                          ex.activation, ex.fused, ex.alpha, ex.limit, save, kern["expert_ffn"])  # [N, D]
+
+    def ffn(rows, rows_per_expert):                                              # [n, D] → [n, D]
+        return ops.call(ops.expert_ffn, rows, rows_per_expert, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"],
+                        w["b3"], ex.activation, ex.fused, ex.alpha, ex.limit, save, kern["expert_ffn"])[0]
+    # expert parallel: the rows travel to the ranks holding their experts and back (runtime/expert_parallel.py)
+    y_perm = ffn(x_perm, counts) if spec.parallel is None else spec.parallel.run(x_perm, counts, ffn)  # [N, D]
     fill = tokens if cap and cap.dropped == "identity" else None
     out = ops.call(ops.combine, y_perm, order, weights, fill, kern["combine"])             # [T, D]
     if spec.shared is not None:

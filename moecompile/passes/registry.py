@@ -16,6 +16,9 @@ class Options:
     tolerance: float = 1e-4        # max relative error accepted by validation (fp32)
     pipeline: str = "default"
     kernels: str = "auto"          # "auto" (per op and device), or one backend for every op: native/triton/reference
+    mesh: object = None            # DeviceMesh whose "ep" dimension shards the experts (None: one process)
+    placement: tuple | None = None # experts per ep rank (None: even)
+    overlap: object = "off"        # "off", "auto" (cost model), or a pipelining degree (int)
 
 
 @dataclass
@@ -41,7 +44,10 @@ class CompileContext:
 
 
 PASSES: dict[str, Callable[[CompileContext], None]] = {}
-PIPELINES: dict[str, list[str]] = {"default": ["find_moe", "lift_moe", "select_kernels", "validate"], "none": []}
+PIPELINES: dict[str, list[str]] = {
+    "default": ["find_moe", "lift_moe", "select_kernels", "validate", "expert_parallel"],
+    "none": [],
+}
 
 
 def register_pass(name: str):

@@ -1,0 +1,86 @@
+"""All-to-all as a start/wait pair of autograd nodes, so a schedule can put work between the two halves.
+
+    token = start(x, exchange)        # issues all_to_all_single(async_op=True) and returns at once
+    ...                               # computation that does not need the result overlaps the transfer
+    y = wait(token, exchange)         # blocks until the rows have arrived: y [sum(out_splits), D]
+
+Backward reverses the roles: `wait`'s backward *starts* the reverse exchange of the gradient (out_splits and
+in_splits swapped) and `start`'s backward waits for it. The autograd engine runs ready nodes latest-created
+first, so a forward schedule start₀ start₁ wait₀ f₀ … replays as an overlapped backward schedule with no extra
+machinery: the reverse exchange of chunk i is in flight while chunk i+1's backward computes.
+
+Every rank must issue its exchanges in the same order (collectives match by order); the executors here do so
+by construction, since every rank runs the same program.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class Exchange:
+    """One all-to-all of rows: rank r sends in_splits[q] rows to each rank q and receives out_splits[q] from
+    it (Python ints, or None for equal splits). Holds the work handle between start and wait, both ways."""
+
+    def __init__(self, group, in_splits: list[int] | None, out_splits: list[int] | None, rows_out: int):
+        self.group, self.in_splits, self.out_splits, self.rows_out = group, in_splits, out_splits, rows_out
+        self.work = self.result = self.sent = None
+
+    def launch(self, x: Tensor, rows: int, out_splits, in_splits) -> None:
+        self.sent = x.contiguous()  # kept alive until the transfer completes
+        self.result = x.new_empty((rows,) + tuple(x.shape[1:]))
+        self.work = dist.all_to_all_single(self.result, self.sent, out_splits, in_splits, group=self.group,
+                                           async_op=True)
+
+    def finish(self) -> Tensor:
+        self.work.wait()
+        result, self.work = self.result, None
+        self.result = self.sent = None
+        return result
+
+
+class _Start(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, ex: Exchange) -> Tensor:
+        ctx.ex = ex
+        ex.launch(x, ex.rows_out, ex.out_splits, ex.in_splits)
+        return x.new_empty(0)  # a token: the edge that makes `wait` depend on `start`
+
+    @staticmethod
+    def backward(ctx, _grad_token):
+        return ctx.ex.finish(), None  # the reverse exchange `wait`'s backward started
+
+
+class _Wait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, token: Tensor, ex: Exchange) -> Tensor:
+        ctx.ex = ex
+        return ex.finish()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ex = ctx.ex
+        rows_in = sum(ex.in_splits) if ex.in_splits is not None else grad.shape[0]
+        ex.launch(grad, rows_in, ex.in_splits, ex.out_splits)  # splits swapped: the rows go home
+        return grad.new_empty(0), None
+
+
+def start(x: Tensor, ex: Exchange) -> Tensor:
+    """Issue the exchange of x's rows; returns a token for `wait`."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Start.apply(x, ex)
+    ex.launch(x, ex.rows_out, ex.out_splits, ex.in_splits)
+    return x.new_empty(0)
+
+
+def wait(token: Tensor, ex: Exchange) -> Tensor:
+    """The exchanged rows, once they have arrived."""
+    if token.requires_grad:
+        return _Wait.apply(token, ex)
+    return ex.finish()
+
+
+def exchange(x: Tensor, ex: Exchange) -> Tensor:
+    """start and wait back to back: a blocking all-to-all (differentiable)."""
+    return wait(start(x, ex), ex)

@@ -1,0 +1,208 @@
+"""Expert parallelism: each rank of an expert-parallel (ep) group holds a slice of the experts, and the rows
+the local dispatch produced travel to the ranks owning their experts and back by all-to-all.
+
+One MoE layer on rank r (route, dispatch and combine stay local; only the expert FFN is distributed):
+
+    x_perm [N, D] expert-major, counts [E]      ← local dispatch of this rank's tokens
+    all_to_all(counts)                          → recv_counts [ep, E_r]: what each source sends to my experts
+    for chunk c in 0..n-1 (schedule order):     every expert's rows split into n near-equal parts
+        start(a2a of chunk c's rows)            → rows from every source, (source, expert)-major
+        wait, regroup to (expert, source)-major, expert FFN on my E_r experts, regroup back
+        start(a2a back), wait                   → chunk c's outputs, in the order they were sent
+    y_perm [N, D]                               → local combine
+
+Chunking every expert's rows (rather than the tokens) leaves route, dispatch and combine untouched, so any
+degree n computes the same function, with or without a capacity. A rank with no tokens, or an expert that
+receives none, is ordinary: empty splits. Capacity is applied by the local dispatch, so under expert
+parallelism each rank's batch is one capacity group (as in GShard and Tutel); a single process reproduces it
+with `group_size` = the tokens per rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moecompile.runtime import all_to_all as a2a
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Experts per ep rank: rank r owns experts [starts[r], starts[r] + sizes[r])."""
+    sizes: tuple[int, ...]
+
+    @staticmethod
+    def even(num_experts: int, ranks: int) -> "Placement":
+        if num_experts % ranks:
+            raise ValueError(f"{num_experts} experts cannot be split evenly over an expert-parallel group of "
+                             f"{ranks} ranks; use a group size that divides {num_experts}, or pass an "
+                             f"explicit placement (experts per rank, e.g. placement={_suggest(num_experts, ranks)})")
+        return Placement((num_experts // ranks,) * ranks)
+
+    @staticmethod
+    def explicit(sizes, num_experts: int, ranks: int) -> "Placement":
+        sizes = tuple(int(s) for s in sizes)
+        if len(sizes) != ranks or sum(sizes) != num_experts or min(sizes) < 1:
+            raise ValueError(f"placement {list(sizes)} must give each of the {ranks} expert-parallel ranks at "
+                             f"least one expert and {num_experts} in all")
+        return Placement(sizes)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return tuple(sum(self.sizes[:r]) for r in range(len(self.sizes)))
+
+    def local(self, rank: int) -> range:
+        return range(self.starts[rank], self.starts[rank] + self.sizes[rank])
+
+
+def _suggest(num_experts: int, ranks: int) -> list[int]:
+    return [num_experts // ranks + (r < num_experts % ranks) for r in range(ranks)]
+
+
+@dataclass
+class ExpertParallel:
+    """How one lifted block runs its experts: over `group` (this rank is `rank` of `size`), holding the experts
+    `placement.local(rank)`, in `chunks` pipelined chunks, issuing the exchanges in `order` (a list of
+    (step, chunk) from the scheduling pass; None: the plain pipeline of `pipeline_order`)."""
+    group: object
+    rank: int
+    size: int
+    placement: Placement
+    chunks: int = 1
+    order: list[tuple[str, int]] | None = None
+    expert_params: list[str] = field(default_factory=list)  # qualified names of the local expert parameters
+
+    @property
+    def local_experts(self) -> range:
+        return self.placement.local(self.rank)
+
+    def run(self, x_perm: Tensor, counts: Tensor, ffn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """x_perm [N, D] expert-major over all E experts, counts [E] → y_perm [N, D]; `ffn(x, counts)` runs the
+        local experts on rows grouped by local expert."""
+        return _run(self, x_perm, counts, ffn)
+
+
+def pipeline_order(chunks: int) -> list[tuple[str, int]]:
+    """Each exchange issued as early and waited for as late as the chunk dependencies allow: chunk c+1's
+    rows leave while chunk c's experts compute, and chunk c's results travel back meanwhile.
+    Steps: ("send", c) starts chunk c's exchange to the experts; ("experts", c) waits for it, runs the
+    local experts and starts the exchange back; ("collect", c) waits for that."""
+    order = [("send", 0)]
+    for c in range(chunks):
+        if c + 1 < chunks:
+            order.append(("send", c + 1))
+        order.append(("experts", c))
+    return order + [("collect", c) for c in range(chunks)]
+
+
+def _run(ep: ExpertParallel, x_perm, counts, ffn):
+    n, sizes = ep.chunks, ep.placement.sizes
+    mine = sizes[ep.rank]
+    # what every source sends each of my experts: send [E, 1] → receive [ep·E_r, 1] (tiny; blocking)
+    recv_counts = counts.new_empty(ep.size * mine)
+    dist.all_to_all_single(recv_counts, counts.contiguous(), [mine] * ep.size, list(sizes), group=ep.group)
+    send = counts.tolist()                                                    # [E] host ints
+    recv = recv_counts.view(ep.size, mine).tolist()                           # [ep][E_r]
+    owners = [r for r, s in enumerate(sizes) for _ in range(s)]               # expert → rank
+    plans = [_ChunkPlan(send, recv, owners, ep, c, n, x_perm.device) for c in range(n)]
+    inbound, back, results = {}, {}, [None] * n
+    for step, c in ep.order or pipeline_order(n):
+        p = plans[c]
+        if step == "send":
+            rows = x_perm if p.rows is None else x_perm.index_select(0, p.rows)
+            inbound[c] = a2a.start(rows, p.there)
+        elif step == "experts":
+            got = a2a.wait(inbound.pop(c), p.there)                            # [M, D] (source, expert)-major
+            local = got if p.regroup is None else got.index_select(0, p.regroup)
+            y = ffn(local, p.local_counts)
+            back[c] = a2a.start(y if p.regroup is None else y.index_select(0, p.ungroup), p.back)
+        elif step == "collect":
+            results[c] = a2a.wait(back.pop(c), p.back)
+        else:
+            raise ValueError(f"unknown schedule step {step!r}")
+    if n == 1:
+        return results[0]
+    return torch.cat(results).index_select(0, _inverse(torch.cat([p.rows for p in plans])))
+
+
+class _ChunkPlan:
+    """Chunk c of n: each expert's rows [⌊c·cnt/n⌋, ⌊(c+1)·cnt/n⌋) of its block, on both sides of the exchange."""
+
+    def __init__(self, send, recv, owners, ep, c, n, device):
+        part = lambda cnt: cnt * (c + 1) // n - cnt * c // n  # noqa: E731
+        mine = ep.placement.sizes[ep.rank]
+        sent = [part(x) for x in send]                                          # [E]
+        got = [[part(x) for x in row] for row in recv]                          # [ep][E_r]
+        out_splits = [sum(row) for row in got]
+        in_splits = [0] * ep.size
+        for e, k in enumerate(sent):
+            in_splits[owners[e]] += k
+        self.there = a2a.Exchange(ep.group, in_splits, out_splits, sum(out_splits))
+        self.back = a2a.Exchange(ep.group, out_splits, in_splits, sum(in_splits))
+        self.local_counts = torch.tensor([sum(row[e] for row in got) for e in range(mine)], dtype=torch.int64,
+                                         device=device)
+        self.rows = None if n == 1 else _segments([x * c // n for x in send], sent, _starts(send), device)
+        self.regroup = self.ungroup = None
+        if ep.size > 1 and mine > 1:  # received (source, expert)-major; the FFN wants (expert, source)-major
+            flat = [k for row in got for k in row]
+            starts = _starts(flat)
+            by_expert = [(starts[s * mine + e], got[s][e]) for e in range(mine) for s in range(ep.size)]
+            self.regroup = _segments([a for a, _ in by_expert], [k for _, k in by_expert], [0] * len(by_expert),
+                                     device)
+            self.ungroup = _inverse(self.regroup)
+
+
+def _starts(sizes):
+    out, at = [], 0
+    for s in sizes:
+        out.append(at)
+        at += s
+    return out
+
+
+def _segments(offsets, lengths, bases, device) -> Tensor:
+    """Concatenation of ranges [base + offset, base + offset + length) as one index tensor."""
+    lengths_t = torch.tensor(lengths, dtype=torch.int64, device=device)
+    firsts = torch.tensor([b + o for b, o in zip(bases, offsets)], dtype=torch.int64, device=device)
+    total = int(sum(lengths))
+    ends = lengths_t.cumsum(0)
+    step_in = torch.arange(total, device=device) - torch.repeat_interleave(ends - lengths_t, lengths_t, output_size=total)
+    return torch.repeat_interleave(firsts, lengths_t, output_size=total) + step_in
+
+
+def _inverse(perm: Tensor) -> Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+def reduce_gradients(model, mesh) -> None:
+    """Make every gradient of an expert-parallel `model` what one process would get on the whole global batch,
+    for a loss that is a mean over each rank's (equal-sized) batch: non-expert gradients summed over every rank
+    of the mesh, expert gradients over the "dp" dimension only (their "ep" peers' contributions already
+    arrived through the all-to-all's backward), both divided by the number of ranks.
+
+    For DDP/FSDP instead: wrap with the expert parameters excluded (DDP:
+    `DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))`)
+    and reduce those over the dp dimension yourself; see docs/expert_parallel.md."""
+    experts = set(expert_parameter_names(model))
+    names = mesh.mesh_dim_names or ()
+    groups = {dim: mesh[dim].get_group() for dim in names} if mesh.ndim > 1 else {"ep": mesh.get_group()}
+    world = mesh.size()
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        for dim, group in groups.items():
+            if dim == "dp" or name not in experts:
+                dist.all_reduce(p.grad, group=group)
+        p.grad.div_(world)
+
+
+def expert_parameter_names(model) -> list[str]:
+    """Qualified names of the expert parameters the expert_parallel pass sharded in `model`."""
+    from moecompile.api import explain
+    return [n for layer in explain(model).moe_layers if layer.spec is not None and layer.spec.parallel is not None
+            for n in layer.spec.parallel.expert_params]

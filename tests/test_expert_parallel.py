@@ -1,0 +1,187 @@
+"""Expert parallelism on 2 and 4 gloo processes equals one process: outputs and every gradient.
+
+Each test spawns its ranks once (tests/distributed.py) and runs a list of cases in them; every rank returns
+the worst relative error per case and the test asserts on each. Rank r trains on slice r of a global batch
+that every rank can rebuild from a seed; the single-process reference runs the whole global batch.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+import moecompile
+from moecompile.models import gpt_moe
+from moecompile.runtime.expert_parallel import ExpertParallel, Placement, reduce_gradients
+from moecompile.validation import max_relative_error
+from tests import hf_zoo
+from tests.distributed import run_ranks
+
+TOL = 1e-5
+
+
+# ---- the runtime alone: hand-made rows and counts, a nonlinear expert per e --------------------------------
+def _experts(W):
+    """ffn(rows, counts): expert e maps its block of rows to tanh(rows @ W[e])."""
+    def ffn(rows, counts):
+        blocks = rows.split(counts.tolist())
+        return torch.cat([torch.tanh(b @ W[e]) for e, b in enumerate(blocks)])
+    return ffn
+
+
+def _runtime_cases(rank, ws, cases):
+    errors = {}
+    for name, (sizes, counts_by_rank, chunks) in cases.items():
+        E, D = len(counts_by_rank[0]), 8
+        g = torch.Generator().manual_seed(0)
+        W = torch.randn(E, D, D, generator=g) / D ** 0.5
+        xs = [torch.randn(sum(c), D, generator=g) for c in counts_by_rank]
+        cot = [torch.randn(sum(c), D, generator=g) for c in counts_by_rank]
+        # one process: every rank's rows through all experts; the expert gradient sums every rank's part
+        W_ref = W.clone().requires_grad_()
+        x_ref = [x.clone().requires_grad_() for x in xs]
+        y_ref = [_experts(W_ref)(x, torch.tensor(c)) for x, c in zip(x_ref, counts_by_rank)]
+        sum((y * c).sum() for y, c in zip(y_ref, cot)).backward()
+        # expert parallel
+        placement = Placement.explicit(sizes, E, ws)
+        local = placement.local(rank)
+        ep = ExpertParallel(dist.group.WORLD, rank, ws, placement, chunks=chunks)
+        W_local = W[local.start:local.stop].clone().requires_grad_()
+        x = xs[rank].clone().requires_grad_()
+        y = ep.run(x, torch.tensor(counts_by_rank[rank]), _experts(W_local))
+        (y * cot[rank]).sum().backward()
+        errors[name] = max(max_relative_error(y, y_ref[rank].detach(), y),
+                           max_relative_error(x.grad, x_ref[rank].grad, x),
+                           max_relative_error(W_local.grad, W_ref.grad[local.start:local.stop], W_local))
+    return errors
+
+
+RUNTIME_CASES = {
+    2: {
+        "even": ((2, 2), [[3, 1, 4, 2], [0, 5, 2, 1]], 1),
+        "chunks 2": ((2, 2), [[3, 1, 4, 2], [0, 5, 2, 1]], 2),
+        "chunks 3 (fewer rows than chunks)": ((2, 2), [[3, 1, 4, 2], [0, 5, 2, 1]], 3),
+        "an expert receives no rows": ((2, 2), [[3, 0, 4, 2], [1, 0, 2, 1]], 2),
+        "a rank sends no rows": ((2, 2), [[3, 1, 4, 2], [0, 0, 0, 0]], 2),
+        "no rows anywhere": ((2, 2), [[0, 0, 0, 0], [0, 0, 0, 0]], 1),
+        "uneven placement": ((1, 4), [[2, 3, 0, 1, 4], [1, 1, 2, 0, 3]], 2),
+    },
+    4: {
+        "even": ((2, 2, 2, 2), [[1, 2, 0, 3, 1, 1, 2, 0], [2, 0, 1, 1, 0, 3, 1, 2],
+                                [0, 0, 0, 0, 0, 0, 0, 0], [3, 1, 2, 0, 1, 0, 0, 5]], 1),
+        "chunks 2": ((2, 2, 2, 2), [[1, 2, 0, 3, 1, 1, 2, 0], [2, 0, 1, 1, 0, 3, 1, 2],
+                                    [0, 0, 0, 0, 0, 0, 0, 0], [3, 1, 2, 0, 1, 0, 0, 5]], 2),
+        "one expert each, uneven": ((1, 1, 1, 1), [[4, 0, 1, 2], [0, 0, 3, 1], [2, 2, 2, 2], [1, 0, 0, 6]], 3),
+    },
+}
+
+
+@pytest.mark.parametrize("ws", [2, 4])
+def test_runtime_matches_one_process(ws):
+    cases = RUNTIME_CASES[ws]
+    results = run_ranks(_runtime_cases, ws, cases)
+    for name in cases:
+        worst = max(r[name] for r in results)
+        assert worst < TOL, f"{ws} ranks, {name}: relative error {worst:.2e}"
+
+
+# ---- whole models through optimize(mesh=...) ----------------------------------------------------------------
+def _build(family):
+    torch.manual_seed(0)
+    if family == "gpt_moe":
+        return gpt_moe(n_layer=2, d_model=32, d_ff=64, n_head=4, num_experts=8, max_seq=16)
+    return hf_zoo.FAMILIES[family]()
+
+
+def _global_batch(family, batch):
+    """(args, kwargs) of the global batch; tokens' batch dim first, so rank r takes rows r·b..(r+1)·b."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, hf_zoo.V, (batch, 12), generator=g)
+    if family == "switch":
+        return (), {"input_ids": ids, "decoder_input_ids": torch.randint(1, hf_zoo.V, (batch, 7), generator=g)}
+    return (ids,), {}
+
+
+def _slice(tree, r, parts):
+    return tuple(t.chunk(parts)[r] for t in tree[0]), {k: v.chunk(parts)[r] for k, v in tree[1].items()}
+
+
+def _loss(out):
+    """Mean over tokens of a fixed projection of the logits: a mean of equal per-rank means."""
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    g = torch.Generator().manual_seed(3)
+    return (logits * torch.randn(logits.shape[-1], generator=g)).mean()
+
+
+def _model_cases(rank, ws, mesh_shape, cases):
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "ep") if len(mesh_shape) == 2 else ("ep",))
+    errors = {}
+    for name, (family, overlap) in cases.items():
+        b = 2
+        args, kwargs = _global_batch(family, b * ws)
+        local_args, local_kwargs = _slice((args, kwargs), rank, ws)
+        ref = moecompile.optimize(_build(family), args, kwargs)
+        whole_batch = name.endswith("over all tokens")
+        if whole_batch:  # a capacity over all of a rank's tokens: one group per rank in the reference
+            _set_capacity_groups(ref, lambda layer: b * (12 if "encoder" in layer.name else 7))
+        _loss(ref(*args, **kwargs)).backward()
+        want = dict(ref.named_parameters())
+        fast = moecompile.optimize(_build(family), local_args, local_kwargs, mesh=mesh, overlap=overlap)
+        if whole_batch:
+            _set_capacity_groups(fast, lambda layer: 0)
+        out = fast(*local_args, **local_kwargs)
+        _loss(out).backward()
+        reduce_gradients(fast, mesh)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        want_logits = ref(*args, **kwargs)
+        want_logits = (want_logits.logits if hasattr(want_logits, "logits") else want_logits[0]).chunk(ws)[rank]
+        worst = max_relative_error(logits, want_logits.detach(), logits)
+        sharded = {n for layer in moecompile.explain(fast).moe_layers for n in layer.spec.parallel.expert_params}
+        for n, p in fast.named_parameters():
+            g_want = want[n].grad
+            if n in sharded:  # this rank's experts: the matching part of the full gradient
+                g_want = _local_grad(g_want, p, _layer_of(fast, n).parallel.local_experts)
+            worst = max(worst, max_relative_error(p.grad, g_want, p))
+        errors[name] = worst
+    return errors
+
+
+def _set_capacity_groups(model, group_size_of):
+    for layer in moecompile.explain(model).moe_layers:
+        layer.spec.capacity = dataclasses.replace(layer.spec.capacity, group_size=group_size_of(layer))
+
+
+def _layer_of(model, param_name):
+    return next(layer.spec for layer in moecompile.explain(model).moe_layers
+                if param_name in layer.spec.parallel.expert_params)
+
+
+def _local_grad(full_grad, local_param, local):
+    """The slice of a single-process expert gradient that a sharded parameter holds: a stacked [E, ...]
+    parameter keeps rows local.start..; a per-expert parameter is whole (same name, same shape)."""
+    if full_grad.shape == local_param.shape:
+        return full_grad
+    return full_grad[local.start:local.stop]
+
+
+MODEL_CASES = {
+    "gpt_moe": ("gpt_moe", "off"),
+    "gpt_moe chunks 2": ("gpt_moe", 2),
+    "gpt_moe chunks 3": ("gpt_moe", 3),
+    "mixtral (stacked experts)": ("mixtral", 2),
+    "qwen2_moe (shared expert)": ("qwen2_moe", 1),
+    "switch (capacity per sequence, drops)": ("switch", 2),
+    "switch (capacity, drops) over all tokens": ("switch", 1),
+}
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (4,), (2, 2)], ids=["ep2", "ep4", "dp2xep2"])
+def test_models_match_one_process(mesh_shape):
+    ws = 1
+    for s in mesh_shape:
+        ws *= s
+    results = run_ranks(_model_cases, ws, mesh_shape, MODEL_CASES)
+    for name in MODEL_CASES:
+        worst = max(r[name] for r in results)
+        assert worst < TOL, f"{mesh_shape}: {name}: relative error {worst:.2e}"
