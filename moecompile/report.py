@@ -39,6 +39,8 @@ class MoELayer:
             parts.append(f"capacity {s.capacity.capacity}")
         if s.shared:
             parts.append("shared expert" + (" (gated)" if s.shared_gate else ""))
+        if s.parallel is not None:
+            parts.append(_parallel_details(s.parallel))
         backends = set(s.kernels.values())
         parts.append("kernels: " + (backends.pop() if len(backends) == 1 else
                                     " ".join(f"{op}={k}" for op, k in s.kernels.items())))
@@ -66,6 +68,20 @@ class Report:
         console = Console(width=120, record=True, file=io.StringIO(), color_system=None)
         console.print(self)
         return console.export_text().rstrip()
+
+
+def _parallel_details(p) -> str:
+    """Placement, the chosen schedule with its predictions, and what the runtime measured so far."""
+    text = f"expert parallel over {p.size} ranks (experts per rank {list(p.placement.sizes)})"
+    if p.schedule is not None:
+        text += "; " + p.schedule.summary()
+    if p.tuner is not None:
+        text += "; " + p.tuner.summary()
+    calls = p.stats["calls"]
+    if calls:
+        text += (f"; measured per call: exchange region {p.stats['region'] / calls * 1e3:.2f} ms fwd, exposed "
+                 f"comm {p.stats['forward'] / calls * 1e3:.2f} ms fwd + {p.stats['backward'] / calls * 1e3:.2f} ms bwd")
+    return text
 
 
 def _s(v) -> str:

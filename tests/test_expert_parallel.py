@@ -19,6 +19,7 @@ from tests import hf_zoo
 from tests.distributed import run_ranks
 
 TOL = 1e-5
+TUNING_CALLS = 14  # enough training calls for overlap="auto" to try its degrees (at most 4 x 3) and settle
 
 
 # ---- the runtime alone: hand-made rows and counts, a nonlinear expert per e --------------------------------
@@ -77,6 +78,19 @@ RUNTIME_CASES = {
 }
 
 
+def test_placement_errors_say_what_fits():
+    with pytest.raises(ValueError, match=r"8 experts cannot be split evenly .* placement=\[3, 3, 2\]"):
+        Placement.even(8, 3)
+    with pytest.raises(ValueError, match="at least one expert and 8 in all"):
+        Placement.explicit([4, 4, 0], 8, 3)
+    assert Placement.explicit([3, 3, 2], 8, 3).local(2) == range(6, 8)
+
+
+def test_mesh_needs_example_inputs():
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        moecompile.optimize(gpt_moe(n_layer=2, d_model=32, d_ff=64), mesh=object())
+
+
 @pytest.mark.parametrize("ws", [2, 4])
 def test_runtime_matches_one_process(ws):
     cases = RUNTIME_CASES[ws]
@@ -130,8 +144,11 @@ def _model_cases(rank, ws, mesh_shape, cases):
         fast = moecompile.optimize(_build(family), local_args, local_kwargs, mesh=mesh, overlap=overlap)
         if whole_batch:
             _set_capacity_groups(fast, lambda layer: 0)
-        out = fast(*local_args, **local_kwargs)
-        _loss(out).backward()
+        for _ in range(TUNING_CALLS if overlap == "auto" else 1):  # "auto" changes degree as it re-tunes
+            for p in fast.parameters():
+                p.grad = None
+            out = fast(*local_args, **local_kwargs)
+            _loss(out).backward()
         reduce_gradients(fast, mesh)
         logits = out.logits if hasattr(out, "logits") else out[0]
         want_logits = ref(*args, **kwargs)
@@ -143,8 +160,25 @@ def _model_cases(rank, ws, mesh_shape, cases):
             if n in sharded:  # this rank's experts: the matching part of the full gradient
                 g_want = _local_grad(g_want, p, _layer_of(fast, n).parallel.local_experts)
             worst = max(worst, max_relative_error(p.grad, g_want, p))
+        if overlap == "auto":  # the re-tuning must have finished, on the same degree everywhere
+            tuners = [layer.spec.parallel.tuner for layer in moecompile.explain(fast).moe_layers]
+            assert all(t is not None and t.chosen is not None for t in tuners), [t.summary() for t in tuners]
         errors[name] = worst
+    errors["experts that do not divide"] = _uneven_experts_error(mesh, rank, ws)
     return errors
+
+
+def _uneven_experts_error(mesh, rank, ws) -> float:
+    """0 if optimize() refuses E = ep + 1 experts over ep ranks with the expected message, else 1."""
+    ep = mesh["ep"].size() if "ep" in (mesh.mesh_dim_names or ()) else mesh.size()
+    args, kwargs = _slice(_global_batch("gpt_moe", 2 * ws), rank, ws)
+    torch.manual_seed(0)
+    model = gpt_moe(n_layer=2, d_model=32, d_ff=64, n_head=4, num_experts=ep + 1, max_seq=16)
+    try:
+        moecompile.optimize(model, args, kwargs, mesh=mesh)
+    except ValueError as e:
+        return 0.0 if f"{ep + 1} experts cannot be split evenly" in str(e) else 1.0
+    return 1.0
 
 
 def _set_capacity_groups(model, group_size_of):
@@ -167,6 +201,7 @@ def _local_grad(full_grad, local_param, local):
 
 MODEL_CASES = {
     "gpt_moe": ("gpt_moe", "off"),
+    "gpt_moe auto (re-tuned while training)": ("gpt_moe", "auto"),
     "gpt_moe chunks 2": ("gpt_moe", 2),
     "gpt_moe chunks 3": ("gpt_moe", 3),
     "mixtral (stacked experts)": ("mixtral", 2),
@@ -176,12 +211,17 @@ MODEL_CASES = {
 }
 
 
+# every other Hugging Face family of the core issue's zoo, on the 2-rank mesh
+OTHER_FAMILIES = {f"{f} (pipelined)": (f, 2) for f in sorted(hf_zoo.FAMILIES) if f not in ("mixtral", "qwen2_moe", "switch")}
+
+
 @pytest.mark.parametrize("mesh_shape", [(2,), (4,), (2, 2)], ids=["ep2", "ep4", "dp2xep2"])
 def test_models_match_one_process(mesh_shape):
     ws = 1
     for s in mesh_shape:
         ws *= s
-    results = run_ranks(_model_cases, ws, mesh_shape, MODEL_CASES)
-    for name in MODEL_CASES:
+    cases = {**MODEL_CASES, **OTHER_FAMILIES} if mesh_shape == (2,) else MODEL_CASES
+    results = run_ranks(_model_cases, ws, mesh_shape, cases)
+    for name in list(cases) + ["experts that do not divide"]:
         worst = max(r[name] for r in results)
         assert worst < TOL, f"{mesh_shape}: {name}: relative error {worst:.2e}"

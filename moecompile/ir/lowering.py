@@ -1,4 +1,6 @@
 """Run one MoE block through the canonical ops, from its `MoESpec` and the block's own parameters."""
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +11,7 @@ from moecompile.ir.spec import MoESpec
 
 def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     """x [..., D] → the block's outputs, in the order `spec.outputs` names them."""
-    r, ex, kern = spec.route, spec.expert, spec.kernels
+    r, kern = spec.route, spec.kernels
     tokens = x.reshape(-1, spec.hidden)                                          # [T, D]
     if spec.router_module is not None:
         router = block.get_submodule(spec.router_module)
@@ -25,13 +27,10 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     cap = spec.capacity
     x_perm, order, counts = ops.call(ops.dispatch, tokens, indices, r.num_experts, cap.capacity if cap else -1,
                                          cap.group_size if cap else 0, kern["dispatch"])
-    w = {k: v or [] for k, v in spec.weights.fetch(block).items()}
+    w = expert_weights(spec, block)
     # save what the backward needs only if there will be one: the forward is leaner without
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [x_perm, *(t for ws in w.values() for t in ws)])
-
-    def ffn(rows, rows_per_expert):                                              # [n, D] → [n, D]
-        return ops.call(ops.expert_ffn, rows, rows_per_expert, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"],
-                        w["b3"], ex.activation, ex.fused, ex.alpha, ex.limit, save, kern["expert_ffn"])[0]
+    ffn = functools.partial(expert_ffn, spec, w, save=save)
     # expert parallel: the rows travel to the ranks holding their experts and back (runtime/expert_parallel.py)
     y_perm = ffn(x_perm, counts) if spec.parallel is None else spec.parallel.run(x_perm, counts, ffn)  # [N, D]
     fill = tokens if cap and cap.dropped == "identity" else None
@@ -45,3 +44,15 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     results = {"out": out.view(x.shape).to(x.dtype), "logits": logits, "weights": weights}
     picked = tuple(results[name] for name in spec.outputs)
     return picked[0] if len(picked) == 1 else picked
+
+
+def expert_weights(spec: MoESpec, block: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """The block's expert weights as expert_ffn takes them (absent roles: [])."""
+    return {k: v or [] for k, v in spec.weights.fetch(block).items()}
+
+
+def expert_ffn(spec: MoESpec, w: dict, rows: torch.Tensor, rows_per_expert: torch.Tensor, save: bool):
+    """rows [n, D] grouped by expert (rows_per_expert [E']) → [n, D] through the experts in `w`."""
+    ex = spec.expert
+    return ops.call(ops.expert_ffn, rows, rows_per_expert, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
+                    ex.activation, ex.fused, ex.alpha, ex.limit, save, spec.kernels["expert_ffn"])[0]

@@ -50,9 +50,7 @@ def expert_parallel(ctx: CompileContext) -> None:
         local = placement.local(rank)
         names = _shard(block, spec.weights, local)
         prefix = layer.name + "." if layer.name else ""
-        chunks = ctx.options.overlap if isinstance(ctx.options.overlap, int) else 1
-        spec.parallel = ExpertParallel(group, rank, size, placement, chunks=chunks,
-                                       expert_params=[prefix + n for n in names])
+        spec.parallel = ExpertParallel(group, rank, size, placement, expert_params=[prefix + n for n in names])
         spec.notes.append(f"expert parallel: {size} ranks, experts per rank {list(placement.sizes)}; "
                           f"this rank (ep {rank}) holds experts {local.start}..{local.stop - 1}")
         if want is not None:

@@ -45,7 +45,7 @@ class CompileContext:
 
 PASSES: dict[str, Callable[[CompileContext], None]] = {}
 PIPELINES: dict[str, list[str]] = {
-    "default": ["find_moe", "lift_moe", "select_kernels", "validate", "expert_parallel"],
+    "default": ["find_moe", "lift_moe", "select_kernels", "validate", "expert_parallel", "schedule_overlap"],
     "none": [],
 }
 

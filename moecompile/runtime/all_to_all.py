@@ -14,6 +14,9 @@ by construction, since every rank runs the same program.
 """
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -21,10 +24,14 @@ from torch import Tensor
 
 class Exchange:
     """One all-to-all of rows: rank r sends in_splits[q] rows to each rank q and receives out_splits[q] from
-    it (Python ints, or None for equal splits). Holds the work handle between start and wait, both ways."""
+    it (Python ints, or None for equal splits). Holds the work handle between start and wait, both ways.
+    `stats["forward"|"backward"]` accumulates the seconds spent blocked in waits: the exposed communication;
+    `stats["backward_begin"|"backward_end"]` mark the first backward launch and the last backward wait."""
 
-    def __init__(self, group, in_splits: list[int] | None, out_splits: list[int] | None, rows_out: int):
+    def __init__(self, group, in_splits: list[int] | None, out_splits: list[int] | None, rows_out: int,
+                 stats: dict | None = None):
         self.group, self.in_splits, self.out_splits, self.rows_out = group, in_splits, out_splits, rows_out
+        self.stats = defaultdict(float) if stats is None else stats
         self.work = self.result = self.sent = None
 
     def launch(self, x: Tensor, rows: int, out_splits, in_splits) -> None:
@@ -33,8 +40,13 @@ class Exchange:
         self.work = dist.all_to_all_single(self.result, self.sent, out_splits, in_splits, group=self.group,
                                            async_op=True)
 
-    def finish(self) -> Tensor:
+    def finish(self, direction: str) -> Tensor:
+        t = time.perf_counter()
         self.work.wait()
+        now = time.perf_counter()
+        self.stats[direction] += now - t
+        if direction == "backward":
+            self.stats["backward_end"] = now
         result, self.work = self.result, None
         self.result = self.sent = None
         return result
@@ -49,19 +61,20 @@ class _Start(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _grad_token):
-        return ctx.ex.finish(), None  # the reverse exchange `wait`'s backward started
+        return ctx.ex.finish("backward"), None  # the reverse exchange `wait`'s backward started
 
 
 class _Wait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token: Tensor, ex: Exchange) -> Tensor:
         ctx.ex = ex
-        return ex.finish()
+        return ex.finish("forward")
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         ex = ctx.ex
         rows_in = sum(ex.in_splits) if ex.in_splits is not None else grad.shape[0]
+        ex.stats.setdefault("backward_begin", time.perf_counter())
         ex.launch(grad, rows_in, ex.in_splits, ex.out_splits)  # splits swapped: the rows go home
         return grad.new_empty(0), None
 
@@ -78,7 +91,7 @@ def wait(token: Tensor, ex: Exchange) -> Tensor:
     """The exchanged rows, once they have arrived."""
     if token.requires_grad:
         return _Wait.apply(token, ex)
-    return ex.finish()
+    return ex.finish("forward")
 
 
 def exchange(x: Tensor, ex: Exchange) -> Tensor:

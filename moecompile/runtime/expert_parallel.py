@@ -19,6 +19,8 @@ with `group_size` = the tokens per rank.
 """
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,23 +68,72 @@ def _suggest(num_experts: int, ranks: int) -> list[int]:
 class ExpertParallel:
     """How one lifted block runs its experts: over `group` (this rank is `rank` of `size`), holding the experts
     `placement.local(rank)`, in `chunks` pipelined chunks, issuing the exchanges in `order` (a list of
-    (step, chunk) from the scheduling pass; None: the plain pipeline of `pipeline_order`)."""
+    (step, chunk) from the schedule_overlap pass; None: the plain pipeline of `pipeline_order`)."""
     group: object
     rank: int
     size: int
     placement: Placement
     chunks: int = 1
     order: list[tuple[str, int]] | None = None
+    schedule: object = None  # passes.schedule_overlap.Schedule: the cost model's predictions, for explain()
     expert_params: list[str] = field(default_factory=list)  # qualified names of the local expert parameters
+    # measured at run time: calls, seconds blocked waiting for exchanges ("forward" / "backward": the exposed
+    # communication), wall seconds of the exchange region ("region" forward, "backward_region" from the first
+    # exchange to the last wait of the backward, counted once the next call begins)
+    stats: dict = field(default_factory=lambda: defaultdict(float))
+    tuner: "Tuner | None" = None  # re-tunes `chunks` from measured times (overlap="auto")
 
     @property
     def local_experts(self) -> range:
         return self.placement.local(self.rank)
 
+    def fold_backward(self) -> float | None:
+        """Count the last backward's exchange-region span into the stats (done at each call; call it after the
+        last step to read complete stats); its seconds, or None if no backward ran since."""
+        if "backward_begin" not in self.stats:
+            return None
+        span = self.stats.pop("backward_end") - self.stats.pop("backward_begin")
+        self.stats["backward_region"] += span
+        return span
+
     def run(self, x_perm: Tensor, counts: Tensor, ffn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
         """x_perm [N, D] expert-major over all E experts, counts [E] → y_perm [N, D]; `ffn(x, counts)` runs the
         local experts on rows grouped by local expert."""
         return _run(self, x_perm, counts, ffn)
+
+
+@dataclass
+class Tuner:
+    """Tutel's adaptive pipelining degree, re-tuned from measured times: each candidate degree runs for
+    `calls` training calls, a call costing its exchange region's wall time, forward plus backward; then the
+    group agrees on the slowest rank's median per candidate and keeps the fastest for good. Every rank
+    switches at the same call, as the collectives require."""
+    orders: dict[int, list]                  # candidate degree → executor order, in trial order
+    calls: int = 3
+    samples: dict[int, list[float]] = field(default_factory=dict)
+    chosen: int | None = None
+    previous_s: float | None = None          # the forward region of the call before, awaiting its backward
+
+    def record(self, ep: "ExpertParallel", backward_s: float | None) -> None:
+        """The previous call (at ep.chunks) took previous_s + backward_s; pick the degree for the next."""
+        if self.previous_s is not None and backward_s is not None:
+            self.samples.setdefault(ep.chunks, []).append(self.previous_s + backward_s)
+        untried = [n for n in self.orders if len(self.samples.get(n, [])) < self.calls]
+        if untried:
+            ep.chunks, ep.order = untried[0], self.orders[untried[0]]
+            return
+        medians = torch.tensor([sorted(self.samples[n])[len(self.samples[n]) // 2] for n in self.orders],
+                               dtype=torch.float64)
+        dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=ep.group)
+        self.chosen = list(self.orders)[int(medians.argmin())]
+        self.samples = {n: [m] for n, m in zip(self.orders, medians.tolist())}
+        ep.chunks, ep.order = self.chosen, self.orders[self.chosen]
+
+    def summary(self) -> str:
+        if self.chosen is None:
+            return f"re-tuning over degrees {list(self.orders)} ({sum(map(len, self.samples.values()))} calls measured)"
+        times = ", ".join(f"{n}: {v[0] * 1e3:.1f}" for n, v in self.samples.items())
+        return f"re-tuned from measured times: degree {self.chosen} (ms per call fwd+bwd by degree: {times})"
 
 
 def pipeline_order(chunks: int) -> list[tuple[str, int]]:
@@ -99,6 +150,21 @@ def pipeline_order(chunks: int) -> list[tuple[str, int]]:
 
 
 def _run(ep: ExpertParallel, x_perm, counts, ffn):
+    backward_s = ep.fold_backward()  # the previous call's backward, if it has run
+    tuning = ep.tuner is not None and ep.tuner.chosen is None
+    if tuning:
+        ep.tuner.record(ep, backward_s)
+    began = time.perf_counter()
+    y_perm = _exchange_and_compute(ep, x_perm, counts, ffn)
+    elapsed = time.perf_counter() - began
+    ep.stats["calls"] += 1
+    ep.stats["region"] += elapsed
+    if tuning:
+        ep.tuner.previous_s = elapsed if torch.is_grad_enabled() and y_perm.requires_grad else None
+    return y_perm
+
+
+def _exchange_and_compute(ep: ExpertParallel, x_perm, counts, ffn):
     n, sizes = ep.chunks, ep.placement.sizes
     mine = sizes[ep.rank]
     # what every source sends each of my experts: send [E, 1] → receive [ep·E_r, 1] (tiny; blocking)
@@ -140,8 +206,8 @@ class _ChunkPlan:
         in_splits = [0] * ep.size
         for e, k in enumerate(sent):
             in_splits[owners[e]] += k
-        self.there = a2a.Exchange(ep.group, in_splits, out_splits, sum(out_splits))
-        self.back = a2a.Exchange(ep.group, out_splits, in_splits, sum(in_splits))
+        self.there = a2a.Exchange(ep.group, in_splits, out_splits, sum(out_splits), ep.stats)
+        self.back = a2a.Exchange(ep.group, out_splits, in_splits, sum(in_splits), ep.stats)
         self.local_counts = torch.tensor([sum(row[e] for row in got) for e in range(mine)], dtype=torch.int64,
                                          device=device)
         self.rows = None if n == 1 else _segments([x * c // n for x in send], sent, _starts(send), device)

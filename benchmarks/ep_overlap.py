@@ -1,0 +1,277 @@
+"""Expert-parallel training steps over a slow link: no overlap vs the overlap pass, with the overlap ratio and
+the cost model's prediction next to each measurement.
+
+Setup. Two ranks, each in its own network namespace (`ip netns`), joined by a veth pair whose both ends are
+rate-limited with `tc ... tbf` (netem is not in this kernel), so every all-to-all crosses a link that is as slow, relative to this CPU, as
+PCIe (or NVLink) is to a GPU. The rate is calibrated per setting: a first run on the unlimited link measures
+each MoE layer's expert time and bytes per all-to-all, and the rate is set so that communication is the
+target fraction of the baseline MoE layer time (60%: the ScMoE paper's 8xA30-PCIe regime; 15%: 8xA800-NVLink).
+Without root or `ip netns` the ranks run over loopback (no limit) and the output says so.
+
+Model: the reference top-2 GPT-MoE (moecompile.models.gpt_moe, 4 blocks, MoE every other one, 8 experts,
+4 per rank), d_model 256, d_ff 1024, 8 x 256 tokens per rank, fp32, one thread per rank. A step is forward +
+backward of the mean logit (no optimizer), timed with a barrier before it; variants run in turns.
+
+Per setting and variant:
+  step_ms         median over steps of the slowest rank's step time
+  comm_fraction   (baseline) exposed all-to-all time / MoE exchange-region time, fwd + bwd: what the link
+                  costs the MoE layers when nothing overlaps
+  overlap_ratio   hidden / total communication = 1 - exposed(variant) / exposed(baseline), where exposed =
+                  time blocked waiting for all-to-alls (forward and backward), summed over MoE layers
+  predicted       the cost model's expert-parallel region time (per-layer schedule makespans, fwd + bwd), vs
+                  the measured region time; predicted step = measured time outside those regions + predicted
+Variants: "off" (no pipelining), "auto" (the degree the cost model picks per layer), and fixed degrees.
+
+Run: python benchmarks/ep_overlap.py [--quick] [--steps N]   (as root for the rate-limited link)
+Results: a table on stdout and benchmarks/results/ep_overlap.json (ep_overlap_quick.json with --quick).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS_DIR, machine_info, progress, stable_malloc, table, write_json  # noqa: E402
+
+CONFIG = dict(n_layer=4, d_model=256, d_ff=1024, n_head=4, num_experts=8, top_k=2, max_seq=256)
+BATCH, SEQ = 8, 256
+QUICK = dict(config=dict(CONFIG, d_model=128, d_ff=512, max_seq=128), batch=4, seq=128)
+SETTINGS = (("PCIe-like", 0.60), ("NVLink-like", 0.15))
+VARIANTS = ("off", "auto", "2", "4")
+NS, SUBNET, PORT = "mcep", "10.77.0", 29613
+
+
+# ---- the network: two namespaces joined by a rate-limited veth pair -------------------------------------------
+def netns_available() -> str | None:
+    """None if namespaces can be made here, else why not."""
+    if os.geteuid() != 0:
+        return "not root"
+    if not shutil.which("ip") or not shutil.which("tc"):
+        return "no ip/tc"
+    probe = subprocess.run(["ip", "netns", "add", f"{NS}probe"], capture_output=True, text=True)
+    if probe.returncode:
+        return f"ip netns failed: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", f"{NS}probe"], check=True)
+    return None
+
+
+def _sh(*cmd):
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+def net_up():
+    for r in (0, 1):
+        _sh("ip", "netns", "add", f"{NS}{r}")
+    _sh("ip", "link", "add", f"{NS}v0", "type", "veth", "peer", "name", f"{NS}v1")
+    for r in (0, 1):
+        ns = f"{NS}{r}"
+        _sh("ip", "link", "set", f"{NS}v{r}", "netns", ns)
+        _sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{r + 1}/24", "dev", f"{NS}v{r}")
+        _sh("ip", "-n", ns, "link", "set", f"{NS}v{r}", "up")
+        _sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+
+def net_rate(bytes_per_s: float | None):
+    """Limit both directions of the link (None: no limit)."""
+    for r in (0, 1):
+        dev, ns = f"{NS}v{r}", f"{NS}{r}"
+        subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
+        if bytes_per_s is not None:  # a burst of 1 ms of traffic: a message cannot slip through at once
+            burst = max(32 << 10, int(bytes_per_s / 1000))
+            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                "rate", f"{int(bytes_per_s * 8)}bit", "burst", str(burst), "latency", "1s")
+
+
+def net_down():
+    for r in (0, 1):
+        subprocess.run(["ip", "netns", "del", f"{NS}{r}"], capture_output=True)
+
+
+# ---- launching the two ranks ---------------------------------------------------------------------------------
+def launch(variants, steps, quick, namespaces: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        procs = []
+        for r in (0, 1):
+            env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_PORT=str(PORT), OMP_NUM_THREADS="1",
+                       MASTER_ADDR=f"{SUBNET}.1" if namespaces else "127.0.0.1")
+            if namespaces:
+                env["GLOO_SOCKET_IFNAME"] = f"{NS}v{r}"
+            cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--steps", str(steps),
+                   "--variants", ",".join(variants)] + (["--quick"] if quick else [])
+            if namespaces:
+                cmd = ["ip", "netns", "exec", f"{NS}{r}"] + cmd
+            procs.append(subprocess.Popen(cmd, env=env))
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise SystemExit(f"a rank failed (exit codes {codes})")
+        return json.loads(out.read_text())
+
+
+# ---- one rank ------------------------------------------------------------------------------------------------
+def worker(args):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import moecompile
+    from moecompile.models import gpt_moe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
+    cfg, batch, seq = (QUICK["config"], QUICK["batch"], QUICK["seq"]) if args.quick else (CONFIG, BATCH, SEQ)
+    torch.manual_seed(0)
+    model = gpt_moe(**cfg)
+    ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(rank))
+    variants = args.variants.split(",")
+    models = {v: moecompile.optimize(model, (ids,), mesh=mesh, overlap=v if v in ("off", "auto") else int(v))
+              for v in variants}
+
+    def step(m):
+        for p in m.parameters():
+            p.grad = None
+        logits, _ = m(ids)
+        logits.float().mean().backward()
+
+    def layers(m):
+        return [layer.spec.parallel for layer in moecompile.explain(m).moe_layers]
+
+    # warm-up: two steps, and for "auto" until its measured re-tuning has settled in every layer
+    for i in range(40):
+        settled = all(ep.tuner is None or ep.tuner.chosen is not None for v in variants for ep in layers(models[v]))
+        if i >= 2 and settled:
+            break
+        for v in variants:
+            step(models[v])
+    for v in variants:
+        for ep in layers(models[v]):
+            ep.stats.clear()
+    times = {v: [] for v in variants}
+    for i in range(args.steps):
+        for v in variants:
+            dist.barrier()
+            t = time.perf_counter()
+            step(models[v])
+            times[v].append(time.perf_counter() - t)
+    for v in variants:
+        for ep in layers(models[v]):
+            ep.fold_backward()
+    result = {}
+    for v in variants:
+        eps = layers(models[v])
+        n = args.steps
+        per = lambda key: sum(ep.stats[key] for ep in eps) / n  # noqa: E731  (per step, summed over layers)
+        local = torch.tensor([median(times[v]), per("forward") + per("backward"),
+                              per("region") + per("backward_region")], dtype=torch.float64)
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        step_s, exposed_s, region_s = local.tolist()
+        result[v] = {"step_ms": step_s * 1e3, "tuning": [ep.tuner.summary() for ep in eps if ep.tuner], "exposed_ms": exposed_s * 1e3, "region_ms": region_s * 1e3,
+                     "chunks": [ep.chunks for ep in eps],
+                     "predicted_region_ms": sum(ep.schedule.predicted_total_s for ep in eps) * 1e3,
+                     "predicted_comm_ms": sum(ep.schedule.comm_s for ep in eps) * 1e3,
+                     "expert_ms": sum(ep.schedule.compute_s for ep in eps) * 1e3,
+                     "a2a_bytes": _a2a_bytes(cfg, batch * seq)}
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(result))
+    dist.barrier()  # no rank tears down its connections while a peer still uses them
+    dist.destroy_process_group()
+
+
+def _a2a_bytes(cfg, tokens) -> float:
+    """Bytes one rank sends over the link per all-to-all of one MoE layer (half its rows are remote)."""
+    return tokens * cfg["top_k"] * cfg["d_model"] * 4 / 2
+
+
+# ---- the driver ----------------------------------------------------------------------------------------------
+def calibrate(fraction: float, base: dict, quick: bool) -> float:
+    """Set and return the link rate (bytes/s) at which the link adds `fraction` of the no-overlap EP region
+    time: (R - R0) / R = fraction, R0 the unlimited run's. A first guess from the bytes sent per step, then one
+    correction from a probe run (TCP and gloo overheads make the effective rate lower than the set one)."""
+    off = base["off"]
+    want_s = fraction / (1 - fraction) * off["region_ms"] / 1e3
+    step_bytes = 4 * off["a2a_bytes"] * len(off["chunks"])  # four all-to-alls per MoE layer and step
+    rate = step_bytes / want_s
+    net_rate(rate)
+    added_s = (launch(["off"], 3, quick, True)["off"]["region_ms"] - off["region_ms"]) / 1e3
+    rate *= max(added_s, 0.1 * want_s) / want_s
+    net_rate(rate)
+    return rate
+
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller model, 3 steps")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    stable_malloc()
+    if args.worker:
+        return worker(args)
+    steps = 3 if args.quick else args.steps
+    why_not = netns_available()
+    rows, settings = [], []
+    if why_not is None:
+        net_up()
+    try:
+        with progress() as bar:
+            task = bar.add_task("link settings", total=1 + (len(SETTINGS) if why_not is None else 0))
+            base = launch(["off"], steps, args.quick, namespaces=why_not is None)
+            bar.advance(task)
+            links = [("unlimited" + ("" if why_not is None else f" loopback ({why_not})"), None, base)]
+            if why_not is None:
+                for name, fraction in SETTINGS:
+                    rate = calibrate(fraction, base, args.quick)
+                    links.append((f"{name} ({rate * 8 / 1e6:.0f} Mbit/s)", fraction,
+                                  launch(VARIANTS, steps, args.quick, True)))
+                    bar.advance(task)
+    finally:
+        if why_not is None:
+            net_down()
+    unlimited_region = base["off"]["region_ms"]
+    for link, target, result in links:
+        off = result["off"]
+        added = None if target is None else (off["region_ms"] - unlimited_region) / off["region_ms"]
+        for v, r in result.items():
+            overlap = None if v == "off" or not off["exposed_ms"] else 1 - r["exposed_ms"] / off["exposed_ms"]
+            predicted_step = r["step_ms"] - r["region_ms"] + r["predicted_region_ms"]
+            entry = {"link": link, "target_comm_fraction": target, "comm_fraction": added, "variant": v,
+                     "chunks": r["chunks"], "tuning": r["tuning"], "step_ms": r["step_ms"],
+                     "speedup_vs_off": off["step_ms"] / r["step_ms"], "overlap_ratio": overlap,
+                     "exposed_comm_ms": r["exposed_ms"], "region_ms": r["region_ms"],
+                     "predicted_region_ms": r["predicted_region_ms"], "predicted_step_ms": predicted_step}
+            settings.append(entry)
+            rows.append([link, v, str(r["chunks"]), f"{r['step_ms']:.0f}", f"{entry['speedup_vs_off']:.2f}x",
+                         "-" if added is None else f"{added:.0%}", f"{r['exposed_ms']:.0f}",
+                         "-" if overlap is None else f"{overlap:.0%}", f"{r['region_ms']:.0f}",
+                         f"{r['predicted_region_ms']:.0f}", f"{predicted_step:.0f}"])
+    from rich.console import Console
+    Console(width=170).print(table(
+        "expert parallel over a rate-limited link: 2 ranks, GPT-MoE top-2, per step (fwd+bwd)",
+        ["link", "overlap", "degree per layer", "step ms", "vs off", "comm share", "exposed a2a ms",
+         "overlap ratio", "EP region ms", "predicted region ms", "predicted step ms"], rows,
+        caption="comm share: the part of the no-overlap EP region time the link adds over the unlimited run; "
+                "exposed a2a: time blocked in all-to-all waits (incl. waiting for the slower rank); overlap ratio: "
+                "1 - exposed / exposed without overlap; predicted: the cost model's schedule makespans, and the "
+                "step with that in place of the measured EP regions"))
+    path = write_json(RESULTS_DIR / ("ep_overlap_quick.json" if args.quick else "ep_overlap.json"),
+                      {"machine": machine_info(), "config": QUICK if args.quick else
+                       {"config": CONFIG, "batch": BATCH, "seq": SEQ}, "netns": why_not or "yes",
+                       "settings": settings})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

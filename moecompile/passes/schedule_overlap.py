@@ -1,0 +1,198 @@
+"""schedule_overlap: per expert-parallel MoE layer, choose the pipelining degree and the order in which its
+exchanges are issued, from a cost model, so the all-to-alls hide behind the expert computation.
+
+Contract:   for every block with `spec.parallel` (set by expert_parallel), sets `parallel.chunks` (n) and
+            `parallel.order` (the executor's steps) and attaches `parallel.schedule`, a `Schedule` with the
+            timed slots of the forward and backward and the predicted times, for explain() and later views.
+            n is options.overlap when it is an int, 1 when "off", and with "auto" the candidate of CANDIDATES
+            with the least predicted forward + backward time (1 unless chunking pays), then re-tuned at run
+            time from measured times among the degrees predicted within TRIAL_SLACK of it, and 1
+            (`runtime.expert_parallel.Tuner`, Tutel's adaptive pipelining degree).
+Invariants: changes no result (every n and every dependency-respecting order compute the same function:
+            runtime/expert_parallel.py); identical on every rank (the inputs are the recorded token count,
+            the spec, and rates that measure_link makes the same on all ranks), as the collectives require.
+Pseudo-code:
+    link = measure_link(ep group)                              # latency and bandwidth, at start-up
+    for layer, for n in candidates:
+        send = link.transfer(bytes this rank sends / n)         # rows · D · elem · (ep-1)/ep
+        experts = measured (fwd, bwd) time of the expert FFN on rows·ep/(E·n) rows per local expert (cached)
+        costs = max over the ep group (every rank must choose the same n)
+        dag(n): send_c (link) → experts_c (compute) → return_c (link), c < n     [networkx DiGraph]
+        slots = list_schedule(dag): repeatedly start the ready node that can start earliest (ties: longest
+                path to the end first) on its lane (one link, one compute stream)
+        predicted(n) = makespan(forward dag) + makespan(backward dag, with the backward expert time)
+    order = the executor's steps sorted by start time; waits for the results are last (as late as possible)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.distributed as dist
+
+from moecompile.passes.registry import CompileContext, register_pass
+from moecompile.ir.lowering import expert_ffn, expert_weights
+from moecompile.runtime.cost_model import LinkRates, measure_link, measured_s
+from moecompile.runtime.expert_parallel import Tuner
+
+CANDIDATES = (1, 2, 4, 8)
+TRIAL_SLACK = 1.25  # "auto" tries the degrees predicted within 25% of the best (at most 3, and 1)
+
+
+@dataclass
+class Slot:
+    step: str        # "send" | "experts" | "return"
+    chunk: int
+    lane: str        # "link" | "compute"
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class Schedule:
+    """One layer's chosen schedule and what the cost model predicts for it."""
+    chunks: int
+    forward: list[Slot]
+    backward: list[Slot]
+    predicted_s: dict[int, float]          # candidate n → predicted forward + backward seconds
+    comm_s: float                          # all-to-all time of forward + backward, unhidden
+    compute_s: float                       # expert computation of forward + backward
+    measured_s: list[float] = field(default_factory=list)   # forward exchange-region times, filled at run time
+
+    @property
+    def predicted_total_s(self) -> float:
+        return self.predicted_s[self.chunks]
+
+    @property
+    def predicted_forward_s(self) -> float:
+        return _makespan(self.forward)
+
+    @property
+    def exposed_comm_s(self) -> float:
+        return max(0.0, self.predicted_total_s - self.compute_s)
+
+    def summary(self) -> str:
+        hidden = 1 - self.exposed_comm_s / self.comm_s if self.comm_s else 1.0
+        return (f"pipelining degree {self.chunks}: predicted {self.predicted_total_s * 1e3:.2f} ms fwd+bwd "
+                f"(comm {self.comm_s * 1e3:.2f} ms, {hidden:.0%} hidden; compute {self.compute_s * 1e3:.2f} ms)")
+
+
+@register_pass("schedule_overlap")
+def schedule_overlap(ctx: CompileContext) -> None:
+    layers = [lifted for lifted in ctx.lifted if lifted.layer.spec.parallel is not None]
+    if not layers:
+        return
+    link = measure_link(layers[0].layer.spec.parallel.group)
+    overlap = ctx.options.overlap
+    candidates = CANDIDATES if overlap == "auto" else (overlap if isinstance(overlap, int) else 1,)
+    for lifted in layers:
+        spec = lifted.layer.spec
+        tokens = lifted.args[0].numel() // spec.hidden
+        send_s, experts_s = layer_costs(spec, lifted.block, tokens, link)
+        costs = {n: (send_s(n), *experts_s(n)) for n in candidates}
+        # every rank must choose the same degree (the exchanges are collectives): the slowest rank's costs
+        agreed = torch.tensor([costs[n] for n in candidates], dtype=torch.float64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=spec.parallel.group)
+        costs = dict(zip(candidates, agreed.tolist()))
+        forward = {n: list_schedule(chunk_dag(n, c[0], c[1])) for n, c in costs.items()}
+        backward = {n: list_schedule(chunk_dag(n, c[0], c[2])) for n, c in costs.items()}
+        predicted = {n: _makespan(forward[n]) + _makespan(backward[n]) for n in candidates}
+        n = min(candidates, key=lambda c: (predicted[c], c))
+        spec.parallel.chunks = n
+        spec.parallel.order = executor_order(forward[n])
+        send, fwd, bwd = costs[n]
+        spec.parallel.schedule = Schedule(n, forward[n], backward[n], predicted, comm_s=4 * send * n,
+                                          compute_s=(fwd + bwd) * n)
+        if overlap == "auto":  # measured trials decide among the plausible degrees, always including 1
+            trials = [c for c in sorted(candidates, key=lambda c: (predicted[c], c))
+                      if predicted[c] <= TRIAL_SLACK * predicted[n]][:3]
+            trials += [1] if 1 not in trials else []
+            spec.parallel.tuner = Tuner({c: executor_order(forward[c]) for c in trials})
+        spec.parallel.stats.clear()  # measurements start with the model the user gets
+
+
+def layer_costs(spec, block, tokens: int, link: LinkRates):
+    """(send_s(n), experts_s(n)): one chunk's all-to-all time (either direction) and its forward and
+    backward expert times at degree n, for `tokens` tokens per rank and experts loaded evenly."""
+    ep = spec.parallel
+    w = expert_weights(spec, block)
+    rows = tokens * spec.top_k                                                # rows each rank dispatches
+    if spec.capacity is not None:
+        groups = max(1, tokens // spec.capacity.group_size) if spec.capacity.group_size else 1
+        rows = min(rows, spec.num_experts * spec.capacity.capacity * groups)
+    link_bytes = rows * spec.hidden * w["w1"][0].element_size() * (ep.size - 1) / ep.size
+    local = ep.placement.sizes[ep.rank]
+
+    def experts_s(n):  # → (forward, backward) seconds of one chunk: rows from every rank for my experts
+        per_expert = max(1, rows * ep.size // (spec.num_experts * n))
+        return _expert_seconds(spec, w, local, per_expert)
+    return (lambda n: link.transfer_s(link_bytes / n)), experts_s
+
+
+def _expert_seconds(spec, w, experts: int, rows: int) -> tuple[float, float]:
+    """Measured (forward, backward) seconds of the expert FFN on `rows` rows for each of `experts` experts,
+    with detached copies of the real weights (the model's gradients are not touched)."""
+    w = {k: [t.detach().requires_grad_(t.is_floating_point()) for t in ts] for k, ts in w.items()}
+    x = torch.randn(experts * rows, spec.hidden, dtype=w["w1"][0].dtype, requires_grad=True)
+    counts = torch.full((experts,), rows, dtype=torch.int64)
+    grad = torch.randn_like(x)
+    key = (f"experts {spec.expert.activation}/{spec.expert.fused or '-'} {spec.kernels['expert_ffn']} "
+           f"{x.dtype} E{experts} rows{rows} " + " ".join(f"{k}{tuple(ts[0].shape)}" for k, ts in w.items() if ts))
+    with torch.enable_grad():
+        forward = measured_s(key + " fwd", lambda: expert_ffn(spec, w, x, counts, save=True))
+        both = measured_s(key + " fwd+bwd", lambda: expert_ffn(spec, w, x, counts, save=True).backward(grad))
+    return forward, max(both - forward, 0.0)
+
+
+def chunk_dag(n: int, send_s: float, experts_s: float) -> nx.DiGraph:
+    """n chunks, each: its rows' exchange (send_s) → its expert work (experts_s) → the exchange back."""
+    dag = nx.DiGraph()
+    for c in range(n):
+        dag.add_node(("send", c), lane="link", duration=send_s)
+        dag.add_node(("experts", c), lane="compute", duration=experts_s)
+        dag.add_node(("return", c), lane="link", duration=send_s)
+        dag.add_edge(("send", c), ("experts", c))
+        dag.add_edge(("experts", c), ("return", c))
+    return dag
+
+
+def list_schedule(dag: nx.DiGraph) -> list[Slot]:
+    """Place every node on its lane: repeatedly the ready node that can start earliest, ties broken by the
+    longest remaining path (its duration plus its longest chain of successors), then by chunk."""
+    to_end = {}
+    for node in reversed(list(nx.topological_sort(dag))):
+        to_end[node] = dag.nodes[node]["duration"] + max((to_end[s] for s in dag.successors(node)), default=0.0)
+    lane_free: dict[str, float] = {}
+    done: dict = {}
+    waiting = {node: dag.in_degree(node) for node in dag}
+    ready = [node for node, k in waiting.items() if k == 0]
+    slots = []
+
+    def earliest(node):
+        deps = max((done[p] for p in dag.predecessors(node)), default=0.0)
+        return max(deps, lane_free.get(dag.nodes[node]["lane"], 0.0))
+    while ready:
+        node = min(ready, key=lambda v: (earliest(v), -to_end[v], v[1]))
+        ready.remove(node)
+        attrs = dag.nodes[node]
+        start = earliest(node)
+        done[node] = lane_free[attrs["lane"]] = start + attrs["duration"]
+        slots.append(Slot(node[0], node[1], attrs["lane"], start, done[node]))
+        for s in dag.successors(node):
+            waiting[s] -= 1
+            if waiting[s] == 0:
+                ready.append(s)
+    return slots
+
+
+def executor_order(slots: list[Slot]) -> list[tuple[str, int]]:
+    """The runtime's steps: sends and expert work by start time (a return is issued by its expert step),
+    then the waits for the results, as late as possible."""
+    timed = sorted((s for s in slots if s.step != "return"), key=lambda s: (s.start_s, s.lane != "link", s.chunk))
+    chunks = sorted({s.chunk for s in slots})
+    return [(s.step, s.chunk) for s in timed] + [("collect", c) for c in chunks]
+
+
+def _makespan(slots: list[Slot]) -> float:
+    return max(s.end_s for s in slots)
