@@ -24,16 +24,17 @@ TUNING_CALLS = 14  # enough training calls for overlap="auto" to try its degrees
 
 # ---- the runtime alone: hand-made rows and counts, a nonlinear expert per e --------------------------------
 def _experts(W):
-    """ffn(rows, counts): expert e maps its block of rows to tanh(rows @ W[e])."""
+    """ffn(rows, counts): expert e maps its block of rows to tanh(rows @ W[e] + 0.5) (padding rows of zeros
+    give nonzero outputs, so a padding row that leaked into a result would show)."""
     def ffn(rows, counts):
         blocks = rows.split(counts.tolist())
-        return torch.cat([torch.tanh(b @ W[e]) for e, b in enumerate(blocks)])
+        return torch.cat([torch.tanh(b @ W[e] + 0.5) for e, b in enumerate(blocks)])
     return ffn
 
 
 def _runtime_cases(rank, ws, cases):
     errors = {}
-    for name, (sizes, counts_by_rank, chunks) in cases.items():
+    for name, (sizes, counts_by_rank, chunks, *capacity) in cases.items():
         E, D = len(counts_by_rank[0]), 8
         g = torch.Generator().manual_seed(0)
         W = torch.randn(E, D, D, generator=g) / D ** 0.5
@@ -50,7 +51,7 @@ def _runtime_cases(rank, ws, cases):
         ep = ExpertParallel(dist.group.WORLD, rank, ws, placement, chunks=chunks)
         W_local = W[local.start:local.stop].clone().requires_grad_()
         x = xs[rank].clone().requires_grad_()
-        y = ep.run(x, torch.tensor(counts_by_rank[rank]), _experts(W_local))
+        y = ep.run(x, torch.tensor(counts_by_rank[rank]), _experts(W_local), *capacity)
         (y * cot[rank]).sum().backward()
         errors[name] = max(max_relative_error(y, y_ref[rank].detach(), y),
                            max_relative_error(x.grad, x_ref[rank].grad, x),
@@ -67,6 +68,8 @@ RUNTIME_CASES = {
         "a rank sends no rows": ((2, 2), [[3, 1, 4, 2], [0, 0, 0, 0]], 2),
         "no rows anywhere": ((2, 2), [[0, 0, 0, 0], [0, 0, 0, 0]], 1),
         "uneven placement": ((1, 4), [[2, 3, 0, 1, 4], [1, 1, 2, 0, 3]], 2),
+        "fixed capacity buffers": ((2, 2), [[3, 1, 4, 2], [0, 4, 2, 1]], 1, 4),
+        "fixed capacity buffers, chunks 3": ((2, 2), [[3, 1, 4, 2], [0, 4, 2, 1]], 3, 5),
     },
     4: {
         "even": ((2, 2, 2, 2), [[1, 2, 0, 3, 1, 1, 2, 0], [2, 0, 1, 1, 0, 3, 1, 2],
@@ -74,6 +77,7 @@ RUNTIME_CASES = {
         "chunks 2": ((2, 2, 2, 2), [[1, 2, 0, 3, 1, 1, 2, 0], [2, 0, 1, 1, 0, 3, 1, 2],
                                     [0, 0, 0, 0, 0, 0, 0, 0], [3, 1, 2, 0, 1, 0, 0, 5]], 2),
         "one expert each, uneven": ((1, 1, 1, 1), [[4, 0, 1, 2], [0, 0, 3, 1], [2, 2, 2, 2], [1, 0, 0, 6]], 3),
+        "fixed capacity buffers": ((1, 1, 1, 1), [[4, 0, 1, 2], [0, 0, 3, 1], [2, 2, 2, 2], [1, 0, 0, 4]], 2, 4),
     },
 }
 

@@ -32,7 +32,10 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [x_perm, *(t for ws in w.values() for t in ws)])
     ffn = functools.partial(expert_ffn, spec, w, save=save)
     # expert parallel: the rows travel to the ranks holding their experts and back (runtime/expert_parallel.py)
-    y_perm = ffn(x_perm, counts) if spec.parallel is None else spec.parallel.run(x_perm, counts, ffn)  # [N, D]
+    if spec.parallel is None:
+        y_perm = ffn(x_perm, counts)                                             # [N, D]
+    else:
+        y_perm = spec.parallel.run(x_perm, counts, ffn, capacity_rows(cap, tokens.shape[0]) if cap else None)
     fill = tokens if cap and cap.dropped == "identity" else None
     out = ops.call(ops.combine, y_perm, order, weights, fill, kern["combine"])             # [T, D]
     if spec.shared is not None:
@@ -56,3 +59,9 @@ def expert_ffn(spec: MoESpec, w: dict, rows: torch.Tensor, rows_per_expert: torc
     ex = spec.expert
     return ops.call(ops.expert_ffn, rows, rows_per_expert, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
                     ex.activation, ex.fused, ex.alpha, ex.limit, save, spec.kernels["expert_ffn"])[0]
+
+
+def capacity_rows(cap, tokens: int) -> int:
+    """The most rows one expert can keep from `tokens` tokens: its capacity in each group of tokens."""
+    groups = -(-tokens // cap.group_size) if cap.group_size else 1
+    return cap.capacity * groups

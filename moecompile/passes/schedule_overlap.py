@@ -7,7 +7,8 @@ Contract:   for every block with `spec.parallel` (set by expert_parallel), sets 
             n is options.overlap when it is an int, 1 when "off", and with "auto" the candidate of CANDIDATES
             with the least predicted forward + backward time (1 unless chunking pays), then re-tuned at run
             time from measured times among the degrees predicted within TRIAL_SLACK of it, and 1
-            (`runtime.expert_parallel.Tuner`, Tutel's adaptive pipelining degree).
+            (`runtime.expert_parallel.Tuner`, Tutel's adaptive pipelining degree). Either way a degree
+            above 1 must be at least MIN_GAIN faster than 1, or 1 is kept.
 Invariants: changes no result (every n and every dependency-respecting order compute the same function:
             runtime/expert_parallel.py); identical on every rank (the inputs are the recorded token count,
             the spec, and rates that measure_link makes the same on all ranks), as the collectives require.
@@ -32,12 +33,13 @@ import torch
 import torch.distributed as dist
 
 from moecompile.passes.registry import CompileContext, register_pass
-from moecompile.ir.lowering import expert_ffn, expert_weights
+from moecompile.ir.lowering import capacity_rows, expert_ffn, expert_weights
 from moecompile.runtime.cost_model import LinkRates, measure_link, measured_s
 from moecompile.runtime.expert_parallel import Tuner
 
 CANDIDATES = (1, 2, 4, 8)
 TRIAL_SLACK = 1.25  # "auto" tries the degrees predicted within 25% of the best (at most 3, and 1)
+MIN_GAIN = 0.03     # chunking is chosen only if it is predicted (or measured) at least 3% faster than none
 
 
 @dataclass
@@ -98,7 +100,7 @@ def schedule_overlap(ctx: CompileContext) -> None:
         forward = {n: list_schedule(chunk_dag(n, c[0], c[1])) for n, c in costs.items()}
         backward = {n: list_schedule(chunk_dag(n, c[0], c[2])) for n, c in costs.items()}
         predicted = {n: _makespan(forward[n]) + _makespan(backward[n]) for n in candidates}
-        n = min(candidates, key=lambda c: (predicted[c], c))
+        n = _choose(predicted)
         spec.parallel.chunks = n
         spec.parallel.order = executor_order(forward[n])
         send, fwd, bwd = costs[n]
@@ -108,8 +110,15 @@ def schedule_overlap(ctx: CompileContext) -> None:
             trials = [c for c in sorted(candidates, key=lambda c: (predicted[c], c))
                       if predicted[c] <= TRIAL_SLACK * predicted[n]][:3]
             trials += [1] if 1 not in trials else []
-            spec.parallel.tuner = Tuner({c: executor_order(forward[c]) for c in trials})
+            spec.parallel.tuner = Tuner({c: executor_order(forward[c]) for c in trials}, _choose)
         spec.parallel.stats.clear()  # measurements start with the model the user gets
+
+
+def _choose(times: dict[int, float]) -> int:
+    """The fastest degree, unless it beats no chunking by less than MIN_GAIN: chunking costs per-chunk
+    overheads the model does not see, so a marginal predicted gain is not worth the risk."""
+    best = min(times, key=lambda c: (times[c], c))
+    return 1 if 1 in times and times[best] > (1 - MIN_GAIN) * times[1] else best
 
 
 def layer_costs(spec, block, tokens: int, link: LinkRates):
@@ -118,9 +127,8 @@ def layer_costs(spec, block, tokens: int, link: LinkRates):
     ep = spec.parallel
     w = expert_weights(spec, block)
     rows = tokens * spec.top_k                                                # rows each rank dispatches
-    if spec.capacity is not None:
-        groups = max(1, tokens // spec.capacity.group_size) if spec.capacity.group_size else 1
-        rows = min(rows, spec.num_experts * spec.capacity.capacity * groups)
+    if spec.capacity is not None:  # a fixed [E, C, D] buffer, padding included
+        rows = spec.num_experts * capacity_rows(spec.capacity, tokens)
     link_bytes = rows * spec.hidden * w["w1"][0].element_size() * (ep.size - 1) / ep.size
     local = ep.placement.sizes[ep.rank]
 

@@ -15,7 +15,9 @@ Chunking every expert's rows (rather than the tokens) leaves route, dispatch and
 degree n computes the same function, with or without a capacity. A rank with no tokens, or an expert that
 receives none, is ordinary: empty splits. Capacity is applied by the local dispatch, so under expert
 parallelism each rank's batch is one capacity group (as in GShard and Tutel); a single process reproduces it
-with `group_size` = the tokens per rank.
+with `group_size` = the tokens per rank. With a capacity the exchange is a fixed [E, C, D] buffer (`run`'s
+capacity_rows): the counts exchange and its host synchronization disappear, every rank must then pass the
+same number of tokens (as GShard requires), and the padding rows are computed and dropped.
 """
 from __future__ import annotations
 
@@ -96,19 +98,31 @@ class ExpertParallel:
         self.stats["backward_region"] += span
         return span
 
-    def run(self, x_perm: Tensor, counts: Tensor, ffn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    def run(self, x_perm: Tensor, counts: Tensor, ffn: Callable[[Tensor, Tensor], Tensor],
+            capacity_rows: int | None = None) -> Tensor:
         """x_perm [N, D] expert-major over all E experts, counts [E] → y_perm [N, D]; `ffn(x, counts)` runs the
-        local experts on rows grouped by local expert."""
-        return _run(self, x_perm, counts, ffn)
+        local experts on rows grouped by local expert. With `capacity_rows` (C: no expert has more rows, the
+        same on every rank) each expert's block is padded to C rows and exchanged as a fixed [E, C, D] buffer:
+        no count exchange, no host synchronization, at the price of computing the padding rows."""
+        if capacity_rows is None:
+            return _run(self, x_perm, counts, ffn)
+        E, N = counts.numel(), x_perm.shape[0]
+        starts = counts.cumsum(0) - counts                                               # [E]
+        expert_of = torch.repeat_interleave(torch.arange(E, device=counts.device), counts, output_size=N)
+        slot = torch.arange(N, device=counts.device) - starts[expert_of] + expert_of * capacity_rows  # [N]
+        padded = x_perm.new_zeros(E * capacity_rows, x_perm.shape[1]).index_copy(0, slot, x_perm)
+        return _run(self, padded, None, ffn, fixed=capacity_rows).index_select(0, slot)
 
 
 @dataclass
 class Tuner:
     """Tutel's adaptive pipelining degree, re-tuned from measured times: each candidate degree runs for
     `calls` training calls, a call costing its exchange region's wall time, forward plus backward; then the
-    group agrees on the slowest rank's median per candidate and keeps the fastest for good. Every rank
-    switches at the same call, as the collectives require."""
+    group agrees on the slowest rank's median per candidate and keeps for good the degree `choose` picks
+    (the fastest, unless it beats degree 1 by too little). Every rank switches at the same call, as the
+    collectives require."""
     orders: dict[int, list]                  # candidate degree → executor order, in trial order
+    choose: Callable[[dict[int, float]], int]  # measured seconds per degree → the degree to keep
     calls: int = 3
     samples: dict[int, list[float]] = field(default_factory=dict)
     chosen: int | None = None
@@ -125,8 +139,8 @@ class Tuner:
         medians = torch.tensor([sorted(self.samples[n])[len(self.samples[n]) // 2] for n in self.orders],
                                dtype=torch.float64)
         dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=ep.group)
-        self.chosen = list(self.orders)[int(medians.argmin())]
         self.samples = {n: [m] for n, m in zip(self.orders, medians.tolist())}
+        self.chosen = self.choose({n: v[0] for n, v in self.samples.items()})
         ep.chunks, ep.order = self.chosen, self.orders[self.chosen]
 
     def summary(self) -> str:
@@ -149,13 +163,13 @@ def pipeline_order(chunks: int) -> list[tuple[str, int]]:
     return order + [("collect", c) for c in range(chunks)]
 
 
-def _run(ep: ExpertParallel, x_perm, counts, ffn):
+def _run(ep: ExpertParallel, x_perm, counts, ffn, fixed: int | None = None):
     backward_s = ep.fold_backward()  # the previous call's backward, if it has run
     tuning = ep.tuner is not None and ep.tuner.chosen is None
     if tuning:
         ep.tuner.record(ep, backward_s)
     began = time.perf_counter()
-    y_perm = _exchange_and_compute(ep, x_perm, counts, ffn)
+    y_perm = _exchange_and_compute(ep, x_perm, counts, ffn, fixed)
     elapsed = time.perf_counter() - began
     ep.stats["calls"] += 1
     ep.stats["region"] += elapsed
@@ -164,14 +178,16 @@ def _run(ep: ExpertParallel, x_perm, counts, ffn):
     return y_perm
 
 
-def _exchange_and_compute(ep: ExpertParallel, x_perm, counts, ffn):
+def _exchange_and_compute(ep: ExpertParallel, x_perm, counts, ffn, fixed):
     n, sizes = ep.chunks, ep.placement.sizes
     mine = sizes[ep.rank]
-    # what every source sends each of my experts: send [E, 1] → receive [ep·E_r, 1] (tiny; blocking)
-    recv_counts = counts.new_empty(ep.size * mine)
-    dist.all_to_all_single(recv_counts, counts.contiguous(), [mine] * ep.size, list(sizes), group=ep.group)
-    send = counts.tolist()                                                    # [E] host ints
-    recv = recv_counts.view(ep.size, mine).tolist()                           # [ep][E_r]
+    if fixed is not None:  # every expert block is `fixed` rows everywhere: nothing to ask
+        send, recv = [fixed] * sum(sizes), [[fixed] * mine for _ in range(ep.size)]
+    else:  # what every source sends each of my experts: send [E, 1] → receive [ep·E_r, 1] (tiny; blocking)
+        recv_counts = counts.new_empty(ep.size * mine)
+        dist.all_to_all_single(recv_counts, counts.contiguous(), [mine] * ep.size, list(sizes), group=ep.group)
+        send = counts.tolist()                                                # [E] host ints
+        recv = recv_counts.view(ep.size, mine).tolist()                       # [ep][E_r]
     owners = [r for r, s in enumerate(sizes) for _ in range(s)]               # expert → rank
     plans = [_ChunkPlan(send, recv, owners, ep, c, n, x_perm.device) for c in range(n)]
     inbound, back, results = {}, {}, [None] * n
