@@ -17,8 +17,10 @@ from moecompile.runtime.expert_parallel import ExpertParallel, Placement, reduce
 from moecompile.validation import max_relative_error
 from tests import hf_zoo
 from tests.distributed import run_ranks
+from tests.zoo import BiasedBank, EinsumBank, LoopBank, Net
 
 TOL = 1e-5
+HAND_WRITTEN = {"loop": LoopBank, "einsum": EinsumBank, "biased": BiasedBank}  # tests/zoo.py blocks in a Net
 TUNING_CALLS = 14  # enough training calls for overlap="auto" to try its degrees (at most 4 x 3) and settle
 
 
@@ -109,12 +111,20 @@ def _build(family):
     torch.manual_seed(0)
     if family == "gpt_moe":
         return gpt_moe(n_layer=2, d_model=32, d_ff=64, n_head=4, num_experts=8, max_seq=16)
+    if family in HAND_WRITTEN:
+        return Net(HAND_WRITTEN[family]())
     return hf_zoo.FAMILIES[family]()
+
+
+def _logits(out):
+    return out if isinstance(out, torch.Tensor) else out.logits if hasattr(out, "logits") else out[0]
 
 
 def _global_batch(family, batch):
     """(args, kwargs) of the global batch; tokens' batch dim first, so rank r takes rows r·b..(r+1)·b."""
     g = torch.Generator().manual_seed(7)
+    if family in HAND_WRITTEN:
+        return (torch.randn(batch, 12, 32, generator=g),), {}
     ids = torch.randint(1, hf_zoo.V, (batch, 12), generator=g)
     if family == "switch":
         return (), {"input_ids": ids, "decoder_input_ids": torch.randint(1, hf_zoo.V, (batch, 7), generator=g)}
@@ -127,7 +137,7 @@ def _slice(tree, r, parts):
 
 def _loss(out):
     """Mean over tokens of a fixed projection of the logits: a mean of equal per-rank means."""
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = _logits(out)
     g = torch.Generator().manual_seed(3)
     return (logits * torch.randn(logits.shape[-1], generator=g)).mean()
 
@@ -154,9 +164,8 @@ def _model_cases(rank, ws, mesh_shape, cases):
             out = fast(*local_args, **local_kwargs)
             _loss(out).backward()
         reduce_gradients(fast, mesh)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        want_logits = ref(*args, **kwargs)
-        want_logits = (want_logits.logits if hasattr(want_logits, "logits") else want_logits[0]).chunk(ws)[rank]
+        logits = _logits(out)
+        want_logits = _logits(ref(*args, **kwargs)).chunk(ws)[rank]
         worst = max_relative_error(logits, want_logits.detach(), logits)
         sharded = {n for layer in moecompile.explain(fast).moe_layers for n in layer.spec.parallel.expert_params}
         for n, p in fast.named_parameters():
@@ -215,8 +224,9 @@ MODEL_CASES = {
 }
 
 
-# every other Hugging Face family of the core issue's zoo, on the 2-rank mesh
-OTHER_FAMILIES = {f"{f} (pipelined)": (f, 2) for f in sorted(hf_zoo.FAMILIES) if f not in ("mixtral", "qwen2_moe", "switch")}
+# every other Hugging Face family of the core issue's zoo and the hand-written blocks, on the 2-rank mesh
+OTHER_FAMILIES = {f"{f} (pipelined)": (f, 2) for f in [*sorted(hf_zoo.FAMILIES), *HAND_WRITTEN]
+                  if f not in ("mixtral", "qwen2_moe", "switch")}
 
 
 @pytest.mark.parametrize("mesh_shape", [(2,), (4,), (2, 2)], ids=["ep2", "ep4", "dp2xep2"])
