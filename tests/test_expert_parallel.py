@@ -15,7 +15,7 @@ import moecompile
 from moecompile.models import gpt_moe
 from moecompile.runtime.expert_parallel import ExpertParallel, Placement, reduce_gradients
 from moecompile.validation import max_relative_error
-from tests import hf_zoo
+from tests import hf_families, hf_zoo
 from tests.distributed import run_ranks
 from tests.zoo import BiasedBank, EinsumBank, LoopBank, Net
 
@@ -113,6 +113,10 @@ def _build(family):
         return gpt_moe(n_layer=2, d_model=32, d_ff=64, n_head=4, num_experts=8, max_seq=16)
     if family in HAND_WRITTEN:
         return Net(HAND_WRITTEN[family]())
+    if family in hf_families.FAMILIES:
+        import transformers
+        model_cls, config_cls, kwargs = hf_families.FAMILIES[family]
+        return hf_zoo.nonzero_biases(getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)))
     return hf_zoo.FAMILIES[family]()
 
 
@@ -239,3 +243,14 @@ def test_models_match_one_process(mesh_shape):
     for name in list(cases) + ["experts that do not divide"]:
         worst = max(r[name] for r in results)
         assert worst < TOL, f"{mesh_shape}: {name}: relative error {worst:.2e}"
+
+
+def test_more_families_match_one_process():
+    """The 20 further Hugging Face families of the core issue (tests/hf_families.py), on 2 ranks."""
+    import transformers
+    cases = {f: (f, 2) for f, (model_cls, _, _) in sorted(hf_families.FAMILIES.items())
+             if hasattr(transformers, model_cls)}
+    results = run_ranks(_model_cases, 2, (2,), cases)
+    for name in cases:
+        worst = max(r[name] for r in results)
+        assert worst < TOL, f"{name}: relative error {worst:.2e}"
