@@ -94,8 +94,14 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg.d_model, cfg.d_ff)
 
     def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.ffn(self.ln2(x))
+        return self.forward_tapped(x)[0]
+
+    def forward_tapped(self, x):
+        """(block output, ln2 of the post-attention residual): the second is what a shortcut MoE block taps
+        (moecompile/models/shortcut.py)."""
+        h = x + self.attn(self.ln1(x))
+        tap = self.ln2(h)
+        return h + self.ffn(tap), tap
 
 
 class GPT(nn.Module):
@@ -117,6 +123,9 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))                # [B, S, D]
         for block in self.blocks:
             x = block(x)
+        return self._head(x, targets)
+
+    def _head(self, x, targets):
         logits = self.lm_head(self.ln_f(x))                                 # [B, S, V]
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
