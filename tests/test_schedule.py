@@ -45,3 +45,11 @@ def test_chunking_must_pay():
     assert _choose({1: 100.0, 2: 98.5, 4: 99.0}) == 1       # 1.5% is within the noise: keep 1
     assert _choose({1: 100.0, 2: 90.0, 4: 85.0}) == 4
     assert _choose({4: 50.0}) == 4                          # a forced degree
+
+
+def test_a_shared_expert_fills_the_first_transfer():
+    """Independent work (the shared expert) starts with the first send, on the idle compute lane."""
+    slots = list_schedule(chunk_dag(2, 1.0, 1.0, side_s=1.0))
+    order = executor_order(slots)
+    assert order[:2] == [("send", 0), ("side", 0)]
+    assert _makespan(slots) < _makespan(list_schedule(chunk_dag(2, 1.0, 1.0))) + 1.0   # it hid behind the link

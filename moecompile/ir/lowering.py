@@ -31,19 +31,18 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     # save what the backward needs only if there will be one: the forward is leaner without
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [x_perm, *(t for ws in w.values() for t in ws)])
     ffn = functools.partial(expert_ffn, spec, w, save=save)
-    # expert parallel: the rows travel to the ranks holding their experts and back (runtime/expert_parallel.py)
+    shared = functools.partial(shared_expert, spec, block, tokens) if spec.shared is not None else None
+    # expert parallel: the rows travel to the ranks holding their experts and back (runtime/expert_parallel.py),
+    # and the shared expert runs while they do
     if spec.parallel is None:
-        y_perm = ffn(x_perm, counts)                                             # [N, D]
+        y_perm, shared_out = ffn(x_perm, counts), None                            # [N, D]
     else:
-        y_perm = spec.parallel.run(x_perm, counts, ffn, capacity_rows(cap, tokens.shape[0]) if cap else None)
+        y_perm, shared_out = spec.parallel.run(x_perm, counts, ffn,
+                                               capacity_rows(cap, tokens.shape[0]) if cap else None, side=shared)
     fill = tokens if cap and cap.dropped == "identity" else None
     out = ops.call(ops.combine, y_perm, order, weights, fill, kern["combine"])             # [T, D]
-    if spec.shared is not None:
-        shared = block.get_submodule(spec.shared)(tokens)
-        if spec.shared_gate is not None:
-            gate_b = spec.shared_gate_bias.get(block) if spec.shared_gate_bias else None
-            shared = torch.sigmoid(F.linear(tokens, spec.shared_gate.get(block), gate_b)) * shared
-        out = out + shared
+    if shared is not None:
+        out = out + (shared() if shared_out is None else shared_out)
     results = {"out": out.view(x.shape).to(x.dtype), "logits": logits, "weights": weights}
     picked = tuple(results[name] for name in spec.outputs)
     return picked[0] if len(picked) == 1 else picked
@@ -65,3 +64,12 @@ def capacity_rows(cap, tokens: int) -> int:
     """The most rows one expert can keep from `tokens` tokens: its capacity in each group of tokens."""
     groups = -(-tokens // cap.group_size) if cap.group_size else 1
     return cap.capacity * groups
+
+
+def shared_expert(spec: MoESpec, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The dense expert every token passes, times its sigmoid gate when it has one: [T, D] → [T, D]."""
+    out = block.get_submodule(spec.shared)(tokens)
+    if spec.shared_gate is not None:
+        gate_b = spec.shared_gate_bias.get(block) if spec.shared_gate_bias else None
+        out = torch.sigmoid(F.linear(tokens, spec.shared_gate.get(block), gate_b)) * out
+    return out

@@ -19,6 +19,7 @@ Pseudo-code:
         experts = measured (fwd, bwd) time of the expert FFN on rows·ep/(E·n) rows per local expert (cached)
         costs = max over the ep group (every rank must choose the same n)
         dag(n): send_c (link) → experts_c (compute) → return_c (link), c < n     [networkx DiGraph]
+                + side (compute, no dependencies): the shared expert, measured like the experts
         slots = list_schedule(dag): repeatedly start the ready node that can start earliest (ties: longest
                 path to the end first) on its lane (one link, one compute stream)
         predicted(n) = makespan(forward dag) + makespan(backward dag, with the backward expert time)
@@ -26,6 +27,7 @@ Pseudo-code:
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -44,7 +46,7 @@ MIN_GAIN = 0.03     # chunking is chosen only if it is predicted (or measured) a
 
 @dataclass
 class Slot:
-    step: str        # "send" | "experts" | "return"
+    step: str        # "send" | "experts" | "return" | "side"
     chunk: int
     lane: str        # "link" | "compute"
     start_s: float
@@ -92,20 +94,21 @@ def schedule_overlap(ctx: CompileContext) -> None:
         spec = lifted.layer.spec
         tokens = lifted.args[0].numel() // spec.hidden
         send_s, experts_s = layer_costs(spec, lifted.block, tokens, link)
-        costs = {n: (send_s(n), *experts_s(n)) for n in candidates}
+        side = _shared_seconds(spec, lifted.block, tokens) if spec.shared is not None else (0.0, 0.0)
+        costs = {n: (send_s(n), *experts_s(n), *side) for n in candidates}
         # every rank must choose the same degree (the exchanges are collectives): the slowest rank's costs
         agreed = torch.tensor([costs[n] for n in candidates], dtype=torch.float64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=spec.parallel.group)
         costs = dict(zip(candidates, agreed.tolist()))
-        forward = {n: list_schedule(chunk_dag(n, c[0], c[1])) for n, c in costs.items()}
-        backward = {n: list_schedule(chunk_dag(n, c[0], c[2])) for n, c in costs.items()}
+        forward = {n: list_schedule(chunk_dag(n, c[0], c[1], c[3])) for n, c in costs.items()}
+        backward = {n: list_schedule(chunk_dag(n, c[0], c[2], c[4])) for n, c in costs.items()}
         predicted = {n: _makespan(forward[n]) + _makespan(backward[n]) for n in candidates}
         n = _choose(predicted)
         spec.parallel.chunks = n
         spec.parallel.order = executor_order(forward[n])
-        send, fwd, bwd = costs[n]
+        send, fwd, bwd, side_fwd, side_bwd = costs[n]
         spec.parallel.schedule = Schedule(n, forward[n], backward[n], predicted, comm_s=4 * send * n,
-                                          compute_s=(fwd + bwd) * n)
+                                          compute_s=(fwd + bwd) * n + side_fwd + side_bwd)
         if overlap == "auto":  # measured trials decide among the plausible degrees, always including 1
             trials = [c for c in sorted(candidates, key=lambda c: (predicted[c], c))
                       if predicted[c] <= TRIAL_SLACK * predicted[n]][:3]
@@ -138,6 +141,21 @@ def layer_costs(spec, block, tokens: int, link: LinkRates):
     return (lambda n: link.transfer_s(link_bytes / n)), experts_s
 
 
+def _shared_seconds(spec, block, tokens: int) -> tuple[float, float]:
+    """Measured (forward, backward) seconds of the shared expert on `tokens` tokens, run on a copy of it
+    (the model's gradients are not touched)."""
+    module = copy.deepcopy(block.get_submodule(spec.shared))
+    weight = next(module.parameters())
+    x = torch.randn(tokens, spec.hidden, dtype=weight.dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    key = f"shared {type(module).__name__} {x.dtype} T{tokens} " + " ".join(
+        f"{tuple(p.shape)}" for p in module.parameters())
+    with torch.enable_grad():
+        forward = measured_s(key + " fwd", lambda: module(x))
+        both = measured_s(key + " fwd+bwd", lambda: module(x).backward(grad))
+    return forward, max(both - forward, 0.0)
+
+
 def _expert_seconds(spec, w, experts: int, rows: int) -> tuple[float, float]:
     """Measured (forward, backward) seconds of the expert FFN on `rows` rows for each of `experts` experts,
     with detached copies of the real weights (the model's gradients are not touched)."""
@@ -153,9 +171,12 @@ def _expert_seconds(spec, w, experts: int, rows: int) -> tuple[float, float]:
     return forward, max(both - forward, 0.0)
 
 
-def chunk_dag(n: int, send_s: float, experts_s: float) -> nx.DiGraph:
-    """n chunks, each: its rows' exchange (send_s) → its expert work (experts_s) → the exchange back."""
+def chunk_dag(n: int, send_s: float, experts_s: float, side_s: float = 0.0) -> nx.DiGraph:
+    """n chunks, each: its rows' exchange (send_s) → its expert work (experts_s) → the exchange back; and,
+    when side_s > 0, the layer's independent work (a shared expert) as a compute node with no dependencies."""
     dag = nx.DiGraph()
+    if side_s > 0:
+        dag.add_node(("side", 0), lane="compute", duration=side_s)
     for c in range(n):
         dag.add_node(("send", c), lane="link", duration=send_s)
         dag.add_node(("experts", c), lane="compute", duration=experts_s)

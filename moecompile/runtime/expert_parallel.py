@@ -99,19 +99,22 @@ class ExpertParallel:
         return span
 
     def run(self, x_perm: Tensor, counts: Tensor, ffn: Callable[[Tensor, Tensor], Tensor],
-            capacity_rows: int | None = None) -> Tensor:
-        """x_perm [N, D] expert-major over all E experts, counts [E] → y_perm [N, D]; `ffn(x, counts)` runs the
-        local experts on rows grouped by local expert. With `capacity_rows` (C: no expert has more rows, the
-        same on every rank) each expert's block is padded to C rows and exchanged as a fixed [E, C, D] buffer:
-        no count exchange, no host synchronization, at the price of computing the padding rows."""
+            capacity_rows: int | None = None, side: Callable[[], object] | None = None) -> tuple[Tensor, object]:
+        """x_perm [N, D] expert-major over all E experts, counts [E] → (y_perm [N, D], side()). `ffn(x, counts)`
+        runs the local experts on rows grouped by local expert; `side`, work independent of the exchange (a
+        shared expert), runs at the schedule's ("side", 0) step, while rows are in flight. With
+        `capacity_rows` (C: no expert has more rows, the same on every rank) each expert's block is padded to
+        C rows and exchanged as a fixed [E, C, D] buffer: no count exchange, no host synchronization, at the
+        price of computing the padding rows."""
         if capacity_rows is None:
-            return _run(self, x_perm, counts, ffn)
+            return _run(self, x_perm, counts, ffn, side)
         E, N = counts.numel(), x_perm.shape[0]
         starts = counts.cumsum(0) - counts                                               # [E]
         expert_of = torch.repeat_interleave(torch.arange(E, device=counts.device), counts, output_size=N)
         slot = torch.arange(N, device=counts.device) - starts[expert_of] + expert_of * capacity_rows  # [N]
         padded = x_perm.new_zeros(E * capacity_rows, x_perm.shape[1]).index_copy(0, slot, x_perm)
-        return _run(self, padded, None, ffn, fixed=capacity_rows).index_select(0, slot)
+        y_padded, side_out = _run(self, padded, None, ffn, side, fixed=capacity_rows)
+        return y_padded.index_select(0, slot), side_out
 
 
 @dataclass
@@ -154,7 +157,8 @@ def pipeline_order(chunks: int) -> list[tuple[str, int]]:
     """Each exchange issued as early and waited for as late as the chunk dependencies allow: chunk c+1's
     rows leave while chunk c's experts compute, and chunk c's results travel back meanwhile.
     Steps: ("send", c) starts chunk c's exchange to the experts; ("experts", c) waits for it, runs the
-    local experts and starts the exchange back; ("collect", c) waits for that."""
+    local experts and starts the exchange back; ("collect", c) waits for that; ("side", 0), when the layer
+    has independent work (a shared expert), runs it."""
     order = [("send", 0)]
     for c in range(chunks):
         if c + 1 < chunks:
@@ -163,22 +167,22 @@ def pipeline_order(chunks: int) -> list[tuple[str, int]]:
     return order + [("collect", c) for c in range(chunks)]
 
 
-def _run(ep: ExpertParallel, x_perm, counts, ffn, fixed: int | None = None):
+def _run(ep: ExpertParallel, x_perm, counts, ffn, side, fixed: int | None = None):
     backward_s = ep.fold_backward()  # the previous call's backward, if it has run
     tuning = ep.tuner is not None and ep.tuner.chosen is None
     if tuning:
         ep.tuner.record(ep, backward_s)
     began = time.perf_counter()
-    y_perm = _exchange_and_compute(ep, x_perm, counts, ffn, fixed)
+    y_perm, side_out = _exchange_and_compute(ep, x_perm, counts, ffn, side, fixed)
     elapsed = time.perf_counter() - began
     ep.stats["calls"] += 1
     ep.stats["region"] += elapsed
     if tuning:
         ep.tuner.previous_s = elapsed if torch.is_grad_enabled() and y_perm.requires_grad else None
-    return y_perm
+    return y_perm, side_out
 
 
-def _exchange_and_compute(ep: ExpertParallel, x_perm, counts, ffn, fixed):
+def _exchange_and_compute(ep: ExpertParallel, x_perm, counts, ffn, side, fixed):
     n, sizes = ep.chunks, ep.placement.sizes
     mine = sizes[ep.rank]
     if fixed is not None:  # every expert block is `fixed` rows everywhere: nothing to ask
@@ -190,10 +194,15 @@ def _exchange_and_compute(ep: ExpertParallel, x_perm, counts, ffn, fixed):
         recv = recv_counts.view(ep.size, mine).tolist()                       # [ep][E_r]
     owners = [r for r, s in enumerate(sizes) for _ in range(s)]               # expert → rank
     plans = [_ChunkPlan(send, recv, owners, ep, c, n, x_perm.device) for c in range(n)]
-    inbound, back, results = {}, {}, [None] * n
-    for step, c in ep.order or pipeline_order(n):
+    inbound, back, results, side_out = {}, {}, [None] * n, None
+    order = ep.order or pipeline_order(n)
+    if side is not None and ("side", 0) not in order:  # after the first send: it computes while rows travel
+        order = order[:1] + [("side", 0)] + order[1:]
+    for step, c in order:
         p = plans[c]
-        if step == "send":
+        if step == "side":
+            side_out = side() if side is not None else None
+        elif step == "send":
             rows = x_perm if p.rows is None else x_perm.index_select(0, p.rows)
             inbound[c] = a2a.start(rows, p.there)
         elif step == "experts":
@@ -206,8 +215,8 @@ def _exchange_and_compute(ep: ExpertParallel, x_perm, counts, ffn, fixed):
         else:
             raise ValueError(f"unknown schedule step {step!r}")
     if n == 1:
-        return results[0]
-    return torch.cat(results).index_select(0, _inverse(torch.cat([p.rows for p in plans])))
+        return results[0], side_out
+    return torch.cat(results).index_select(0, _inverse(torch.cat([p.rows for p in plans]))), side_out
 
 
 class _ChunkPlan:
