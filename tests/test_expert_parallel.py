@@ -254,3 +254,36 @@ def test_more_families_match_one_process():
     for name in cases:
         worst = max(r[name] for r in results)
         assert worst < TOL, f"{name}: relative error {worst:.2e}"
+
+
+def _ddp_case(rank, ws, mesh_shape):
+    """docs/expert_parallel.md's DDP recipe: DDP over every rank with the expert parameters ignored, the
+    expert gradients reduced over "dp" by hand; every gradient must equal one process on the global batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from moecompile.runtime.expert_parallel import expert_parameter_names
+    names = ("dp", "ep") if len(mesh_shape) == 2 else ("ep",)
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    args, kwargs = _global_batch("gpt_moe", 2 * ws)
+    local_args, local_kwargs = _slice((args, kwargs), rank, ws)
+    ref = moecompile.optimize(_build("gpt_moe"), args, kwargs)
+    _loss(ref(*args, **kwargs)).backward()
+    want = dict(ref.named_parameters())
+    fast = moecompile.optimize(_build("gpt_moe"), local_args, local_kwargs, mesh=mesh, overlap=2)
+    experts = expert_parameter_names(fast)
+    DDP._set_params_and_buffers_to_ignore_for_model(fast, experts)
+    ddp = DDP(fast)  # kept alive through backward: its reducer averages the rest over all ranks
+    _loss(ddp(*local_args, **local_kwargs)).backward()
+    for n, p in fast.named_parameters():
+        if n in experts:
+            if "dp" in names:
+                dist.all_reduce(p.grad, group=mesh["dp"].get_group())
+            p.grad /= ws
+    return max(max_relative_error(p.grad, want[n].grad, p) for n, p in fast.named_parameters())
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)], ids=["ep2", "dp2xep2"])
+def test_ddp_composition(mesh_shape):
+    ws = 2 if mesh_shape == (2,) else 4
+    worst = max(run_ranks(_ddp_case, ws, mesh_shape))
+    assert worst < TOL, f"relative error {worst:.2e}"
