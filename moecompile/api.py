@@ -15,7 +15,8 @@ _STATE = "_moecompile"
 
 def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
              validate: bool = True, tolerance: float = 1e-4, pipeline: str = "default",
-             kernels: str = "auto", mesh=None, placement=None, overlap="off") -> nn.Module:
+             kernels: str = "auto", mesh=None, placement=None, overlap="off", shortcut: str | None = None
+             ) -> nn.Module:
     """Return an optimized model: same class, call signature, outputs, parameters and state_dict keys.
 
     The returned module is a structural copy of `model` that shares its `Parameter` objects (so one
@@ -30,19 +31,26 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
     compiled now, from `example_inputs`, and the optimizer must be built from the returned model's
     parameters. `overlap` pipelines each MoE layer's exchanges with its expert computation: "off", a
     pipelining degree (int), or "auto" (chosen per layer by the cost model).
+
+    `shortcut="scmoe"` changes the architecture (explain() says so): each MoE block that follows a dense
+    block routes top-1 on a shortcut from that block and adds a gated shared expert on its own input
+    (passes/shortcut.py). New parameters are added to the returned model: build the optimizer after.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moecompile.optimize expects a torch.nn.Module, got {type(model).__name__}")
     if kernels != "auto" and kernels not in BACKENDS:
         raise ValueError(f"moecompile.optimize: kernels={kernels!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
-    if mesh is not None and example_inputs is None and example_kwargs is None:
-        raise ValueError("moecompile.optimize(mesh=...) needs example_inputs: expert parallelism replaces the "
-                         "expert parameters by this rank's shard, so it must happen before you build the "
-                         "optimizer, not at the first call")
+    if shortcut not in (None, "scmoe"):
+        raise ValueError(f"moecompile.optimize: shortcut={shortcut!r}; expected None or 'scmoe'")
+    if (mesh is not None or shortcut) and example_inputs is None and example_kwargs is None:
+        raise ValueError("moecompile.optimize(mesh=... or shortcut=...) needs example_inputs: both change the "
+                         "model's parameters (expert shards, new shortcut parameters), so this must happen before "
+                         "you build the optimizer, not at the first call")
     if not (overlap in ("off", "auto") or (isinstance(overlap, int) and not isinstance(overlap, bool) and overlap >= 1)):
         raise ValueError(f"moecompile.optimize: overlap={overlap!r}; expected 'off', 'auto' or a pipelining degree >= 1")
     options = Options(validate=validate, tolerance=tolerance, pipeline=pipeline, kernels=kernels, mesh=mesh,
-                      placement=None if placement is None else tuple(placement), overlap=overlap)
+                      placement=None if placement is None else tuple(placement), overlap=overlap,
+                      shortcut=shortcut)
     fast = _share_parameters_copy(model)
     if example_inputs is not None or example_kwargs is not None:
         _compile(fast, tuple(example_inputs or ()), dict(example_kwargs or {}), options)

@@ -149,17 +149,18 @@ def _loss(out):
 def _model_cases(rank, ws, mesh_shape, cases):
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "ep") if len(mesh_shape) == 2 else ("ep",))
     errors = {}
-    for name, (family, overlap) in cases.items():
+    for name, (family, overlap, *options) in cases.items():
+        options = options[0] if options else {}
         b = 2
         args, kwargs = _global_batch(family, b * ws)
         local_args, local_kwargs = _slice((args, kwargs), rank, ws)
-        ref = moecompile.optimize(_build(family), args, kwargs)
+        ref = moecompile.optimize(_build(family), args, kwargs, **options)
         whole_batch = name.endswith("over all tokens")
         if whole_batch:  # a capacity over all of a rank's tokens: one group per rank in the reference
             _set_capacity_groups(ref, lambda layer: b * (12 if "encoder" in layer.name else 7))
         _loss(ref(*args, **kwargs)).backward()
         want = dict(ref.named_parameters())
-        fast = moecompile.optimize(_build(family), local_args, local_kwargs, mesh=mesh, overlap=overlap)
+        fast = moecompile.optimize(_build(family), local_args, local_kwargs, mesh=mesh, overlap=overlap, **options)
         if whole_batch:
             _set_capacity_groups(fast, lambda layer: 0)
         for _ in range(TUNING_CALLS if overlap == "auto" else 1):  # "auto" changes degree as it re-tunes
@@ -225,6 +226,7 @@ MODEL_CASES = {
     "qwen2_moe (shared expert)": ("qwen2_moe", 1),
     "switch (capacity per sequence, drops)": ("switch", 2),
     "switch (capacity, drops) over all tokens": ("switch", 1),
+    "gpt_moe converted to ScMoE": ("gpt_moe", 2, {"shortcut": "scmoe"}),
 }
 
 

@@ -12,13 +12,15 @@ from moecompile.ir.spec import MoESpec
 def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     """x [..., D] → the block's outputs, in the order `spec.outputs` names them."""
     r, kern = spec.route, spec.kernels
-    tokens = x.reshape(-1, spec.hidden)                                          # [T, D]
+    current = x.reshape(-1, spec.hidden)                                         # [T, D]
+    routed_in = x if spec.shortcut is None else spec.shortcut.take(x)           # ScMoE: the shortcut's input
+    tokens = routed_in.reshape(-1, spec.hidden)                                  # [T, D]
     if spec.router_module is not None:
         router = block.get_submodule(spec.router_module)
         if router._forward_hooks or router._forward_pre_hooks:
             # its hooks record what it returns (Hugging Face collects router logits for the aux loss
             # this way): call it so they see the same values; the routing below is still ours
-            router(tokens if spec.router_module_flat else x)
+            router(tokens if spec.router_module_flat else routed_in)
     router_b = spec.router_bias.get(block) if spec.router_bias else None
     logits = F.linear(tokens, spec.router.get(block), router_b)                  # [T, E]
     score_bias = spec.score_bias.get(block) if spec.score_bias else None
@@ -31,7 +33,7 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     # save what the backward needs only if there will be one: the forward is leaner without
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [x_perm, *(t for ws in w.values() for t in ws)])
     ffn = functools.partial(expert_ffn, spec, w, save=save)
-    shared = functools.partial(shared_expert, spec, block, tokens) if spec.shared is not None else None
+    shared = functools.partial(shared_expert, spec, block, current) if spec.shared is not None else None
     # expert parallel: the rows travel to the ranks holding their experts and back (runtime/expert_parallel.py),
     # and the shared expert runs while they do
     if spec.parallel is None:

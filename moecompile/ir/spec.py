@@ -117,6 +117,7 @@ class MoESpec:
     router_module_flat: bool = True    # ...and whether it was called on [T, D] tokens or on x itself
     kernels: dict[str, str] = field(default_factory=lambda: dict.fromkeys(OPS, "native"))  # op → backend
     parallel: object | None = None     # runtime.expert_parallel.ExpertParallel, set by the expert_parallel pass
+    shortcut: object | None = None     # passes.shortcut.Tap: the routed branch's input (ScMoE), else x itself
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -43,7 +43,7 @@ def expert_parallel(ctx: CompileContext) -> None:
         if not layer.rewritten:
             continue
         with torch.no_grad():
-            want = _first(block(*lifted.args, **lifted.kwargs)) if ctx.options.validate else None
+            want = _run_alone(lifted) if ctx.options.validate else None
         E = spec.num_experts
         placement = (Placement.explicit(ctx.options.placement, E, size) if ctx.options.placement is not None
                      else Placement.even(E, size))
@@ -55,7 +55,7 @@ def expert_parallel(ctx: CompileContext) -> None:
                           f"this rank (ep {rank}) holds experts {local.start}..{local.stop - 1}")
         if want is not None:
             with torch.no_grad():
-                got = _first(block(*lifted.args, **lifted.kwargs))
+                got = _run_alone(lifted)
             err = torch.tensor([max_relative_error(got, want, want)], dtype=torch.float64)
             dist.all_reduce(err, op=dist.ReduceOp.MAX, group=group)
             if not err.item() <= ctx.options.tolerance:
@@ -107,5 +107,9 @@ def _owner(block: nn.Module, name: str) -> tuple[nn.Module, str]:
     return block.get_submodule(owner), attr
 
 
-def _first(out):
+def _run_alone(lifted):
+    """The block's first output on its recorded input (a shortcut block gets its recorded shortcut input)."""
+    if lifted.layer.spec.shortcut is not None:
+        lifted.layer.spec.shortcut.prime()
+    out = lifted.block(*lifted.args, **lifted.kwargs)
     return out[0] if isinstance(out, tuple) else out

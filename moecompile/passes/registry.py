@@ -19,6 +19,7 @@ class Options:
     mesh: object = None            # DeviceMesh whose "ep" dimension shards the experts (None: one process)
     placement: tuple | None = None # experts per ep rank (None: even)
     overlap: object = "off"        # "off", "auto" (cost model), or a pipelining degree (int)
+    shortcut: str | None = None    # "scmoe": shortcut-connected MoE blocks (an architecture change)
 
 
 @dataclass
@@ -45,7 +46,8 @@ class CompileContext:
 
 PASSES: dict[str, Callable[[CompileContext], None]] = {}
 PIPELINES: dict[str, list[str]] = {
-    "default": ["find_moe", "lift_moe", "select_kernels", "validate", "expert_parallel", "schedule_overlap"],
+    "default": ["find_moe", "lift_moe", "select_kernels", "validate", "shortcut", "expert_parallel",
+                "schedule_overlap"],
     "none": [],
 }
 

@@ -1,0 +1,147 @@
+"""shortcut: make each top-k MoE block shortcut-connected (ScMoE; Cai et al., ICML 2025). This changes the
+architecture: the result is a different model, which explain() says, with the parameter counts.
+
+Contract:   with options.shortcut == "scmoe", every rewritten MoE block at `<container>.<i>.<path>` whose
+            preceding sibling `<container>.<i-1>.<path>` is a dense module (no routing in it: MoE every other
+            block, as in GPT-MoE and the paper) computes
+                out = combine(top-1 routed experts of tap) + sigmoid(x · w_cg) · SE(x)
+            tap = the input of that preceding module (the Pos-2 shortcut: the preceding block's post-attention
+            residual after its own pre-MLP norm), x = the block's own input. Router and experts are kept;
+            routing becomes top-1, weighted by the chosen expert's softmax probability (so the router
+            trains). SE is the block's own shared expert when it has one, else a new dense expert of the
+            experts' shape initialized to their mean; w_cg [1, D] is a new gate (CG-1), zero-initialized
+            (coefficient 0.5) unless the shared expert already has a gate.
+Invariants: runs after validate, so the top-k rewrite it starts from was checked against the original;
+            new parameters live in the optimized copy only (`<block>.shortcut_shared.*`,
+            `<block>.shortcut_gate`), so the optimizer must be built from it; a block that does not fit
+            stays the validated top-k block and explain() gives the reason.
+Pseudo-code:
+    for lifted block B at c.i.p:
+        prev = c.(i-1).p; skip with a reason unless it exists and routes nothing
+        slot = hook(prev: store its input)          # filled each forward, before B runs
+        spec.route.top_k = 1, renormalize = False; spec.shortcut = slot
+        spec.shared = B's shared expert or new SharedExpert(mean of experts); spec.shared_gate = w_cg
+    report: blocks changed, parameters before → after
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+from torch import nn
+
+from moecompile.ir.lowering import expert_ffn, expert_weights
+from moecompile.ir.spec import MoESpec, WeightRef
+from moecompile.passes.registry import CompileContext, register_pass
+
+KINDS = ("scmoe",)
+
+
+class Tap:
+    """The shortcut's value for the current forward: the input of the tapped module, stored by a forward
+    pre-hook and taken (once) by the MoE block it feeds. `example` is its value on the compile-time inputs,
+    for later passes that run the block alone (`prime()` before each such call)."""
+
+    def __init__(self, module_name: str):
+        self.module_name, self.value, self.example = module_name, None, None
+
+    def store(self, _module, args):
+        self.value = args[0]
+
+    def prime(self) -> None:
+        self.value = self.example
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        value, self.value = self.value, None
+        if value is None or value.shape != like.shape:
+            raise RuntimeError(f"moecompile: this ScMoE block reads its routed input from {self.module_name}, "
+                               f"which must run first in the same forward, with an input shaped like the block's")
+        return value
+
+
+class SharedExpert(nn.Module):
+    """A dense expert with the routed experts' structure (activation, gate/up layout, biases), run through the
+    same expert_ffn op as one expert that every token visits. Weights stacked [1, ...], nn.Linear layout."""
+
+    def __init__(self, spec: MoESpec, weights: dict[str, list[torch.Tensor]]):
+        super().__init__()
+        self.expert, self.kernels = spec.expert, spec.kernels  # what expert_ffn reads of a spec
+        self.roles = [role for role, ws in weights.items() if ws]
+        for role in self.roles:
+            ws = weights[role]
+            init = ws[0].mean(0, keepdim=True) if len(ws) == 1 else torch.stack(ws).mean(0, keepdim=True)
+            self.register_parameter(role, nn.Parameter(init.detach().clone()))
+
+    def forward(self, x):                                                      # [T, D] → [T, D]
+        w = {role: [getattr(self, role)] if role in self.roles else [] for role in ("w1", "w2", "w3", "b1", "b2", "b3")}
+        save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        counts = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        return expert_ffn(self, w, x, counts, save=save)
+
+
+@register_pass("shortcut")
+def shortcut(ctx: CompileContext) -> None:
+    kind = ctx.options.shortcut
+    if kind is None:
+        return
+    before = sum(p.numel() for p in ctx.model.parameters())
+    routed = {lifted.layer.name for lifted in ctx.lifted}
+    changed = []
+    for lifted in ctx.lifted:
+        layer, spec, block = lifted.layer, lifted.layer.spec, lifted.block
+        if not layer.rewritten:
+            continue
+        tap_name, why = _preceding(ctx.model, layer.name, routed)
+        if why:
+            spec.notes.append(f"not shortcut-connected: {why}")
+            continue
+        tap = Tap(tap_name)
+        ctx.model.get_submodule(tap_name).register_forward_pre_hook(tap.store)
+        _connect(spec, block, tap)
+        layer.top_k = 1
+        changed.append(layer.name)
+        spec.notes.append(f"ScMoE: top-1 experts routed on the input of {tap_name} (Pos-2 shortcut), "
+                          f"plus a gated shared expert on the block's own input")
+    if changed:  # one forward on the compile-time inputs records each tap's example value
+        taps = [lifted.layer.spec.shortcut for lifted in ctx.lifted if lifted.layer.spec.shortcut is not None]
+        hooks = [ctx.model.get_submodule(t.module_name).register_forward_pre_hook(
+            lambda _m, args, t=t: setattr(t, "example", args[0].detach())) for t in taps]
+        with torch.no_grad():
+            ctx.model(*ctx.args, **ctx.kwargs)
+        for h in hooks:
+            h.remove()
+    after = sum(p.numel() for p in ctx.model.parameters())
+    ctx.report.notes.append(f"architecture changed (shortcut={kind!r}): {len(changed)} block(s) "
+                            f"{', '.join(changed) or '-'}; parameters {before:,} → {after:,}")
+
+
+def _preceding(model: nn.Module, name: str, routed: set[str]) -> tuple[str | None, str | None]:
+    """(the preceding sibling's module name, None) or (None, why there is none)."""
+    m = re.fullmatch(r"(.*?)\.?(\d+)\.(.+)", name)
+    if m is None:
+        return None, f"{name} is not inside a numbered sequence of blocks"
+    container, index, path = m.group(1), int(m.group(2)), m.group(3)
+    if index == 0:
+        return None, "it is in the first block: there is no preceding block to tap"
+    prev = f"{container}.{index - 1}.{path}" if container else f"{index - 1}.{path}"
+    try:
+        model.get_submodule(prev)
+    except AttributeError:
+        return None, f"the preceding block has no {path}"
+    if prev in routed:
+        return None, (f"the preceding block's {path} is an MoE too (MoE in every block: the paper's Pos-1 "
+                      f"variant, not supported yet)")
+    return prev, None
+
+
+def _connect(spec: MoESpec, block: nn.Module, tap: Tap) -> None:
+    spec.route = dataclasses.replace(spec.route, top_k=1, renormalize=False)
+    spec.shortcut = tap
+    if spec.shared is None:
+        block.add_module("shortcut_shared", SharedExpert(spec, expert_weights(spec, block)))
+        spec.shared = "shortcut_shared"
+    if spec.shared_gate is None:
+        weight = spec.router.get(block)
+        block.register_parameter("shortcut_gate", nn.Parameter(weight.new_zeros(1, spec.hidden)))
+        spec.shared_gate = WeightRef("shortcut_gate")
