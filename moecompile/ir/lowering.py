@@ -1,4 +1,5 @@
 """Run one MoE block through the canonical ops, from its `MoESpec` and the block's own parameters."""
+import dataclasses
 import functools
 
 import torch
@@ -10,10 +11,32 @@ from moecompile.ir.spec import MoESpec
 
 
 def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
-    """x [..., D] → the block's outputs, in the order `spec.outputs` names them."""
-    r, kern = spec.route, spec.kernels
-    current = x.reshape(-1, spec.hidden)                                         # [T, D]
-    routed_in = x if spec.shortcut is None else spec.shortcut.take(x)           # ScMoE: the shortcut's input
+    """x [..., D] → the block's outputs, in the order `spec.outputs` names them. A shortcut-connected block
+    (ScMoE) routes another input, the shortcut's, usually begun earlier, where that input appeared."""
+    if spec.shortcut is None:
+        routed = begin_routed(spec, block, x)
+    else:
+        routed = spec.shortcut.take(x)
+        routed = routed if isinstance(routed, Routed) else begin_routed(spec, block, routed)
+    return finish_routed(spec, block, routed, x)
+
+
+@dataclasses.dataclass
+class Routed:
+    """The routed branch after route and dispatch: what finish_routed needs."""
+    tokens: torch.Tensor          # [T, D] the routed input
+    logits: torch.Tensor          # [T, E]
+    weights: torch.Tensor         # [T, k]
+    order: torch.Tensor           # [N]
+    x_perm: torch.Tensor          # [N, D]
+    counts: torch.Tensor          # [E]
+    flight: object = None         # runtime.expert_parallel.Flight, rows already sent (shortcut + expert parallel)
+
+
+def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor) -> Routed:
+    """Router, route and dispatch of `routed_in` [..., D]; with a shortcut under expert parallelism the rows
+    are sent at once, so the exchange overlaps whatever the model computes before the block."""
+    r, kern, cap = spec.route, spec.kernels, spec.capacity
     tokens = routed_in.reshape(-1, spec.hidden)                                  # [T, D]
     if spec.router_module is not None:
         router = block.get_submodule(spec.router_module)
@@ -26,26 +49,40 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     score_bias = spec.score_bias.get(block) if spec.score_bias else None
     weights, indices, _ = ops.call(ops.route, logits, score_bias, r.num_experts, r.top_k, r.scoring, r.renormalize,
                                     r.scale, r.n_group, r.topk_group, r.group_score, kern["route"])  # [T, k] ×2
-    cap = spec.capacity
     x_perm, order, counts = ops.call(ops.dispatch, tokens, indices, r.num_experts, cap.capacity if cap else -1,
-                                         cap.group_size if cap else 0, kern["dispatch"])
+                                     cap.group_size if cap else 0, kern["dispatch"])
+    routed = Routed(tokens, logits, weights, order, x_perm, counts)
+    if spec.parallel is not None and spec.shortcut is not None:
+        routed.flight = spec.parallel.start(x_perm, counts, capacity_rows(cap, tokens.shape[0]) if cap else None)
+        routed.flight.send_all()
+    return routed
+
+
+def finish_routed(spec: MoESpec, block: nn.Module, routed: Routed, x: torch.Tensor):
+    """Experts (through the exchange under expert parallelism, the shared expert meanwhile), combine, the
+    shared expert's contribution; → the block's outputs."""
+    cap, kern = spec.capacity, spec.kernels
+    tokens, x_perm, counts = routed.tokens, routed.x_perm, routed.counts
     w = expert_weights(spec, block)
     # save what the backward needs only if there will be one: the forward is leaner without
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [x_perm, *(t for ws in w.values() for t in ws)])
     ffn = functools.partial(expert_ffn, spec, w, save=save)
+    current = x.reshape(-1, spec.hidden)                                         # [T, D]
     shared = functools.partial(shared_expert, spec, block, current) if spec.shared is not None else None
     # expert parallel: the rows travel to the ranks holding their experts and back (runtime/expert_parallel.py),
     # and the shared expert runs while they do
-    if spec.parallel is None:
-        y_perm, shared_out = ffn(x_perm, counts), None                            # [N, D]
-    else:
+    if routed.flight is not None:
+        y_perm, shared_out = routed.flight.finish(ffn, side=shared)
+    elif spec.parallel is not None:
         y_perm, shared_out = spec.parallel.run(x_perm, counts, ffn,
                                                capacity_rows(cap, tokens.shape[0]) if cap else None, side=shared)
+    else:
+        y_perm, shared_out = ffn(x_perm, counts), None                            # [N, D]
     fill = tokens if cap and cap.dropped == "identity" else None
-    out = ops.call(ops.combine, y_perm, order, weights, fill, kern["combine"])             # [T, D]
+    out = ops.call(ops.combine, y_perm, routed.order, routed.weights, fill, kern["combine"])  # [T, D]
     if shared is not None:
         out = out + (shared() if shared_out is None else shared_out)
-    results = {"out": out.view(x.shape).to(x.dtype), "logits": logits, "weights": weights}
+    results = {"out": out.view(x.shape).to(x.dtype), "logits": routed.logits, "weights": routed.weights}
     picked = tuple(results[name] for name in spec.outputs)
     return picked[0] if len(picked) == 1 else picked
 

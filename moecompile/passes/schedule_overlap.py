@@ -8,7 +8,9 @@ Contract:   for every block with `spec.parallel` (set by expert_parallel), sets 
             with the least predicted forward + backward time (1 unless chunking pays), then re-tuned at run
             time from measured times among the degrees predicted within TRIAL_SLACK of it, and 1
             (`runtime.expert_parallel.Tuner`, Tutel's adaptive pipelining degree). Either way a degree
-            above 1 must be at least MIN_GAIN faster than 1, or 1 is kept.
+            above 1 must be at least MIN_GAIN faster than 1, or 1 is kept. A shortcut-connected block sends
+            its rows where its input appears, before the block (lowering.begin_routed): its exchange overlaps
+            the model's own computation, which this per-layer model does not see, so it is not re-tuned.
 Invariants: changes no result (every n and every dependency-respecting order compute the same function:
             runtime/expert_parallel.py); identical on every rank (the inputs are the recorded token count,
             the spec, and rates that measure_link makes the same on all ranks), as the collectives require.
@@ -109,7 +111,7 @@ def schedule_overlap(ctx: CompileContext) -> None:
         send, fwd, bwd, side_fwd, side_bwd = costs[n]
         spec.parallel.schedule = Schedule(n, forward[n], backward[n], predicted, comm_s=4 * send * n,
                                           compute_s=(fwd + bwd) * n + side_fwd + side_bwd)
-        if overlap == "auto":  # measured trials decide among the plausible degrees, always including 1
+        if overlap == "auto" and spec.shortcut is None:  # measured trials among the plausible degrees, and 1
             trials = [c for c in sorted(candidates, key=lambda c: (predicted[c], c))
                       if predicted[c] <= TRIAL_SLACK * predicted[n]][:3]
             trials += [1] if 1 not in trials else []

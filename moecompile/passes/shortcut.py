@@ -26,12 +26,13 @@ Pseudo-code:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import torch
 from torch import nn
 
-from moecompile.ir.lowering import expert_ffn, expert_weights
+from moecompile.ir.lowering import begin_routed, expert_ffn, expert_weights
 from moecompile.ir.spec import MoESpec, WeightRef
 from moecompile.passes.registry import CompileContext, register_pass
 
@@ -39,22 +40,26 @@ KINDS = ("scmoe",)
 
 
 class Tap:
-    """The shortcut's value for the current forward: the input of the tapped module, stored by a forward
-    pre-hook and taken (once) by the MoE block it feeds. `example` is its value on the compile-time inputs,
-    for later passes that run the block alone (`prime()` before each such call)."""
+    """The shortcut for the current forward. A forward pre-hook on the tapped module stores its input and
+    `begin`s the routed branch right there (route, dispatch and, under expert parallelism, sending the
+    rows), so that work overlaps whatever runs before the MoE block; the block then `take`s it, once.
+    `example` is the input on the compile-time inputs, for passes that run the block alone (`prime()`)."""
 
-    def __init__(self, module_name: str):
-        self.module_name, self.value, self.example = module_name, None, None
+    def __init__(self, module_name: str, begin):
+        self.module_name, self.begin = module_name, begin
+        self.value = self.example = None
 
     def store(self, _module, args):
-        self.value = args[0]
+        self.value = self.begin(args[0])
 
     def prime(self) -> None:
         self.value = self.example
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
+    def take(self, like: torch.Tensor):
+        """The begun routed branch (lowering.Routed), or the raw input when primed."""
         value, self.value = self.value, None
-        if value is None or value.shape != like.shape:
+        tokens = getattr(value, "tokens", value)
+        if tokens is None or tokens.numel() != like.numel():
             raise RuntimeError(f"moecompile: this ScMoE block reads its routed input from {self.module_name}, "
                                f"which must run first in the same forward, with an input shaped like the block's")
         return value
@@ -96,7 +101,7 @@ def shortcut(ctx: CompileContext) -> None:
         if why:
             spec.notes.append(f"not shortcut-connected: {why}")
             continue
-        tap = Tap(tap_name)
+        tap = Tap(tap_name, functools.partial(begin_routed, spec, block))
         ctx.model.get_submodule(tap_name).register_forward_pre_hook(tap.store)
         _connect(spec, block, tap)
         layer.top_k = 1

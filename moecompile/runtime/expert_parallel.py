@@ -98,23 +98,39 @@ class ExpertParallel:
         self.stats["backward_region"] += span
         return span
 
-    def run(self, x_perm: Tensor, counts: Tensor, ffn: Callable[[Tensor, Tensor], Tensor],
-            capacity_rows: int | None = None, side: Callable[[], object] | None = None) -> tuple[Tensor, object]:
-        """x_perm [N, D] expert-major over all E experts, counts [E] → (y_perm [N, D], side()). `ffn(x, counts)`
-        runs the local experts on rows grouped by local expert; `side`, work independent of the exchange (a
-        shared expert), runs at the schedule's ("side", 0) step, while rows are in flight. With
+    def start(self, x_perm: Tensor, counts: Tensor, capacity_rows: int | None = None) -> "Flight":
+        """Put a layer's rows on their way: x_perm [N, D] expert-major over all E experts, counts [E]. With
         `capacity_rows` (C: no expert has more rows, the same on every rank) each expert's block is padded to
         C rows and exchanged as a fixed [E, C, D] buffer: no count exchange, no host synchronization, at the
-        price of computing the padding rows."""
-        if capacity_rows is None:
-            return _run(self, x_perm, counts, ffn, side)
-        E, N = counts.numel(), x_perm.shape[0]
-        starts = counts.cumsum(0) - counts                                               # [E]
-        expert_of = torch.repeat_interleave(torch.arange(E, device=counts.device), counts, output_size=N)
-        slot = torch.arange(N, device=counts.device) - starts[expert_of] + expert_of * capacity_rows  # [N]
-        padded = x_perm.new_zeros(E * capacity_rows, x_perm.shape[1]).index_copy(0, slot, x_perm)
-        y_padded, side_out = _run(self, padded, None, ffn, side, fixed=capacity_rows)
-        return y_padded.index_select(0, slot), side_out
+        price of computing the padding rows. Nothing is sent until the returned Flight's steps run."""
+        return Flight(self, x_perm, counts, capacity_rows)
+
+    def run(self, x_perm: Tensor, counts: Tensor, ffn: Callable[[Tensor, Tensor], Tensor],
+            capacity_rows: int | None = None, side: Callable[[], object] | None = None) -> tuple[Tensor, object]:
+        """The whole exchange in the schedule's order → (y_perm [N, D], side()). `ffn(x, counts)` runs the
+        local experts on rows grouped by local expert; `side`, work independent of the exchange (a shared
+        expert), runs at the schedule's ("side", 0) step, while rows are in flight."""
+        backward_s = self.fold_backward()  # the previous call's backward, if it has run
+        tuning = self.tuner is not None and self.tuner.chosen is None
+        if tuning:
+            self.tuner.record(self, backward_s)
+        began = time.perf_counter()
+        flight, side_out = self.start(x_perm, counts, capacity_rows), None
+        order = self.order or pipeline_order(self.chunks)
+        if side is not None and ("side", 0) not in order:  # after the first send: it computes while rows travel
+            order = order[:1] + [("side", 0)] + order[1:]
+        for step, c in order:
+            if step == "side":
+                side_out = side() if side is not None else None
+            else:
+                flight.step(step, c, ffn)
+        y_perm = flight.result()
+        elapsed = time.perf_counter() - began
+        self.stats["calls"] += 1
+        self.stats["region"] += elapsed
+        if tuning:
+            self.tuner.previous_s = elapsed if torch.is_grad_enabled() and y_perm.requires_grad else None
+        return y_perm, side_out
 
 
 @dataclass
@@ -167,56 +183,65 @@ def pipeline_order(chunks: int) -> list[tuple[str, int]]:
     return order + [("collect", c) for c in range(chunks)]
 
 
-def _run(ep: ExpertParallel, x_perm, counts, ffn, side, fixed: int | None = None):
-    backward_s = ep.fold_backward()  # the previous call's backward, if it has run
-    tuning = ep.tuner is not None and ep.tuner.chosen is None
-    if tuning:
-        ep.tuner.record(ep, backward_s)
-    began = time.perf_counter()
-    y_perm, side_out = _exchange_and_compute(ep, x_perm, counts, ffn, side, fixed)
-    elapsed = time.perf_counter() - began
-    ep.stats["calls"] += 1
-    ep.stats["region"] += elapsed
-    if tuning:
-        ep.tuner.previous_s = elapsed if torch.is_grad_enabled() and y_perm.requires_grad else None
-    return y_perm, side_out
+class Flight:
+    """One layer's rows in flight between the ranks: the chunk plans (after the counts exchange, unless the
+    blocks are fixed-size), advanced by steps in any order that respects each chunk's send → experts →
+    collect, then read with `result()`. `ExpertParallel.run` walks the schedule's order at once; a
+    shortcut-connected block sends early (`send_all`, where its input appears) and finishes later."""
 
+    def __init__(self, ep: ExpertParallel, x_perm: Tensor, counts: Tensor, capacity_rows: int | None):
+        self.ep, self.slot = ep, None
+        n, sizes = ep.chunks, ep.placement.sizes
+        mine = sizes[ep.rank]
+        if capacity_rows is not None:  # fixed [E, C] blocks: pad each expert's rows to C, nothing to ask
+            E, N = counts.numel(), x_perm.shape[0]
+            starts = counts.cumsum(0) - counts                                           # [E]
+            expert_of = torch.repeat_interleave(torch.arange(E, device=counts.device), counts, output_size=N)
+            self.slot = torch.arange(N, device=counts.device) - starts[expert_of] + expert_of * capacity_rows
+            x_perm = x_perm.new_zeros(E * capacity_rows, x_perm.shape[1]).index_copy(0, self.slot, x_perm)
+            send, recv = [capacity_rows] * E, [[capacity_rows] * mine for _ in range(ep.size)]
+        else:  # what every source sends each of my experts: send [E, 1] → receive [ep·E_r, 1] (tiny; blocking)
+            recv_counts = counts.new_empty(ep.size * mine)
+            dist.all_to_all_single(recv_counts, counts.contiguous(), [mine] * ep.size, list(sizes), group=ep.group)
+            send = counts.tolist()                                            # [E] host ints
+            recv = recv_counts.view(ep.size, mine).tolist()                   # [ep][E_r]
+        owners = [r for r, k in enumerate(sizes) for _ in range(k)]           # expert → rank
+        self.plans = [_ChunkPlan(send, recv, owners, ep, c, n, x_perm.device) for c in range(n)]
+        self.x_perm, self.inbound, self.back, self.results = x_perm, {}, {}, [None] * n
 
-def _exchange_and_compute(ep: ExpertParallel, x_perm, counts, ffn, side, fixed):
-    n, sizes = ep.chunks, ep.placement.sizes
-    mine = sizes[ep.rank]
-    if fixed is not None:  # every expert block is `fixed` rows everywhere: nothing to ask
-        send, recv = [fixed] * sum(sizes), [[fixed] * mine for _ in range(ep.size)]
-    else:  # what every source sends each of my experts: send [E, 1] → receive [ep·E_r, 1] (tiny; blocking)
-        recv_counts = counts.new_empty(ep.size * mine)
-        dist.all_to_all_single(recv_counts, counts.contiguous(), [mine] * ep.size, list(sizes), group=ep.group)
-        send = counts.tolist()                                                # [E] host ints
-        recv = recv_counts.view(ep.size, mine).tolist()                       # [ep][E_r]
-    owners = [r for r, s in enumerate(sizes) for _ in range(s)]               # expert → rank
-    plans = [_ChunkPlan(send, recv, owners, ep, c, n, x_perm.device) for c in range(n)]
-    inbound, back, results, side_out = {}, {}, [None] * n, None
-    order = ep.order or pipeline_order(n)
-    if side is not None and ("side", 0) not in order:  # after the first send: it computes while rows travel
-        order = order[:1] + [("side", 0)] + order[1:]
-    for step, c in order:
-        p = plans[c]
-        if step == "side":
-            side_out = side() if side is not None else None
-        elif step == "send":
-            rows = x_perm if p.rows is None else x_perm.index_select(0, p.rows)
-            inbound[c] = a2a.start(rows, p.there)
+    def step(self, step: str, c: int, ffn: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
+        p = self.plans[c]
+        if step == "send":
+            rows = self.x_perm if p.rows is None else self.x_perm.index_select(0, p.rows)
+            self.inbound[c] = a2a.start(rows, p.there)
         elif step == "experts":
-            got = a2a.wait(inbound.pop(c), p.there)                            # [M, D] (source, expert)-major
+            got = a2a.wait(self.inbound.pop(c), p.there)                       # [M, D] (source, expert)-major
             local = got if p.regroup is None else got.index_select(0, p.regroup)
             y = ffn(local, p.local_counts)
-            back[c] = a2a.start(y if p.regroup is None else y.index_select(0, p.ungroup), p.back)
+            self.back[c] = a2a.start(y if p.regroup is None else y.index_select(0, p.ungroup), p.back)
         elif step == "collect":
-            results[c] = a2a.wait(back.pop(c), p.back)
+            self.results[c] = a2a.wait(self.back.pop(c), p.back)
         else:
             raise ValueError(f"unknown schedule step {step!r}")
-    if n == 1:
-        return results[0], side_out
-    return torch.cat(results).index_select(0, _inverse(torch.cat([p.rows for p in plans]))), side_out
+
+    def send_all(self) -> None:
+        for c in range(len(self.plans)):
+            self.step("send", c)
+
+    def finish(self, ffn, side=None) -> tuple[Tensor, object]:
+        """After send_all: every chunk's experts, then `side` while the last results travel back."""
+        for c in range(len(self.plans)):
+            self.step("experts", c, ffn)
+        side_out = side() if side is not None else None
+        for c in range(len(self.plans)):
+            self.step("collect", c)
+        return self.result(), side_out
+
+    def result(self) -> Tensor:
+        """y_perm [N, D] in x_perm's row order."""
+        y = self.results[0] if len(self.plans) == 1 else \
+            torch.cat(self.results).index_select(0, _inverse(torch.cat([p.rows for p in self.plans])))
+        return y if self.slot is None else y.index_select(0, self.slot)
 
 
 class _ChunkPlan:
