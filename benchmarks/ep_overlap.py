@@ -23,7 +23,9 @@ Per setting and variant:
 Variants: "off" (no pipelining), "auto" (the degree the cost model picks per layer, re-tuned from measured
 times), fixed degrees, and "scmoe": the same model converted by `optimize(shortcut="scmoe")` (a different
 architecture with the same FLOPs per token: top-1 routed on the preceding block's MLP input plus a gated
-shared expert), whose rows leave before the preceding block's MLP and attention run.
+shared expert), whose rows leave before the preceding block's MLP and attention run; and "dgmoe", the
+paper's DoubleGating variant (the experts top-1 twice, on the shortcut and on the block's input), where only
+the shortcut half leaves early.
 
 Run: python benchmarks/ep_overlap.py [--quick] [--steps N]   (as root for the rate-limited link)
 Results: a table on stdout and benchmarks/results/ep_overlap.json (ep_overlap_quick.json with --quick).
@@ -48,7 +50,7 @@ CONFIG = dict(n_layer=4, d_model=256, d_ff=1024, n_head=4, num_experts=8, top_k=
 BATCH, SEQ = 8, 256
 QUICK = dict(config=dict(CONFIG, d_model=128, d_ff=512, max_seq=128), batch=4, seq=128)
 SETTINGS = (("PCIe-like", 0.60), ("NVLink-like", 0.15))
-VARIANTS = ("off", "auto", "2", "4", "scmoe")  # scmoe: the model converted by optimize(shortcut="scmoe")
+VARIANTS = ("off", "auto", "2", "4", "scmoe", "dgmoe")  # the last two: optimize(shortcut=...) conversions
 NS, SUBNET, PORT = "mcep", "10.77.0", 29613
 
 
@@ -138,8 +140,8 @@ def worker(args):
     ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(rank))
     variants = args.variants.split(",")
     def build(v):
-        if v == "scmoe":  # same FLOPs per token; its rows leave before the preceding block's MLP runs
-            return moecompile.optimize(model, (ids,), mesh=mesh, shortcut="scmoe")
+        if v in ("scmoe", "dgmoe"):  # same FLOPs per token; (some of) the rows leave before the preceding MLP
+            return moecompile.optimize(model, (ids,), mesh=mesh, shortcut=v)
         return moecompile.optimize(model, (ids,), mesh=mesh, overlap=v if v in ("off", "auto") else int(v))
     models = {v: build(v) for v in variants}
 
@@ -253,7 +255,7 @@ def main():
         for v, r in result.items():
             overlap = None if v == "off" or not off["exposed_ms"] else 1 - r["exposed_ms"] / off["exposed_ms"]
             # a shortcut block's exchange spans the blocks before it: no region time, no per-layer prediction
-            staged = v == "scmoe"
+            staged = v in ("scmoe", "dgmoe")
             predicted_step = None if staged else r["step_ms"] - r["region_ms"] + r["predicted_region_ms"]
             entry = {"link": link, "target_comm_fraction": target, "comm_fraction": added, "variant": v,
                      "chunks": r["chunks"], "tuning": r["tuning"], "step_ms": r["step_ms"],

@@ -35,13 +35,14 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
     `shortcut="scmoe"` changes the architecture (explain() says so): each MoE block that follows a dense
     block routes top-1 on a shortcut from that block and adds a gated shared expert on its own input
     (passes/shortcut.py). New parameters are added to the returned model: build the optimizer after.
+    `shortcut="dgmoe"` instead applies the block's experts top-1 twice, on the shortcut and on its own input.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moecompile.optimize expects a torch.nn.Module, got {type(model).__name__}")
     if kernels != "auto" and kernels not in BACKENDS:
         raise ValueError(f"moecompile.optimize: kernels={kernels!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
-    if shortcut not in (None, "scmoe"):
-        raise ValueError(f"moecompile.optimize: shortcut={shortcut!r}; expected None or 'scmoe'")
+    if shortcut not in (None, "scmoe", "dgmoe"):
+        raise ValueError(f"moecompile.optimize: shortcut={shortcut!r}; expected None, 'scmoe' or 'dgmoe'")
     if (mesh is not None or shortcut) and example_inputs is None and example_kwargs is None:
         raise ValueError("moecompile.optimize(mesh=... or shortcut=...) needs example_inputs: both change the "
                          "model's parameters (expert shards, new shortcut parameters), so this must happen before "

@@ -227,6 +227,7 @@ MODEL_CASES = {
     "switch (capacity per sequence, drops)": ("switch", 2),
     "switch (capacity, drops) over all tokens": ("switch", 1),
     "gpt_moe converted to ScMoE": ("gpt_moe", 2, {"shortcut": "scmoe"}),
+    "gpt_moe converted to DGMoE": ("gpt_moe", 1, {"shortcut": "dgmoe"}),
 }
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moecompile
-from moecompile.models import gpt_moe, gpt_scmoe
+from moecompile.models import gpt_dgmoe, gpt_moe, gpt_scmoe
 from moecompile.validation import max_relative_error
 
 SMALL = dict(n_layer=4, d_model=32, d_ff=64, n_head=4, max_seq=16, num_experts=8)
@@ -70,7 +70,26 @@ def test_a_first_block_moe_is_left_alone_with_a_reason():
 
 
 def test_bad_requests():
-    with pytest.raises(ValueError, match="expected None or 'scmoe'"):
+    with pytest.raises(ValueError, match="expected None, 'scmoe' or 'dgmoe'"):
         moecompile.optimize(gpt_moe(**SMALL), (torch.zeros(1, 4, dtype=torch.long),), shortcut="pos-9")
     with pytest.raises(ValueError, match="needs example_inputs"):
         moecompile.optimize(gpt_moe(**SMALL), shortcut="scmoe")
+
+
+def test_dgmoe_conversion_equals_the_reference():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    fast = moecompile.optimize(gpt_moe(**SMALL), (idx, idx), shortcut="dgmoe")
+    ref = gpt_dgmoe(**SMALL)
+    rename = lambda n: n.replace(".ffn.router.", ".router.").replace(".ffn.experts.", ".experts.") \
+        if any(f"blocks.{i}.ffn" in n for i in (1, 3)) else n  # noqa: E731
+    ours = dict(fast.named_parameters())
+    ref.load_state_dict({rename(n): p.detach() for n, p in ours.items()}, strict=True)
+    (out, loss), (want, want_loss) = fast(idx, idx), ref(idx, idx)
+    assert max_relative_error(out, want, want) < 1e-5
+    loss.backward()
+    want_loss.backward()
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.items():
+        assert max_relative_error(p.grad, theirs[rename(name)].grad, p) < 1e-5, name
+    assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in gpt_moe(**SMALL).parameters())

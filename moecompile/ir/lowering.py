@@ -14,11 +14,12 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     """x [..., D] → the block's outputs, in the order `spec.outputs` names them. A shortcut-connected block
     (ScMoE) routes another input, the shortcut's, usually begun earlier, where that input appeared."""
     if spec.shortcut is None:
-        routed = begin_routed(spec, block, x)
-    else:
-        routed = spec.shortcut.take(x)
-        routed = routed if isinstance(routed, Routed) else begin_routed(spec, block, routed)
-    return finish_routed(spec, block, routed, x)
+        return finish_routed(spec, block, [begin_routed(spec, block, x)], x)
+    routed = spec.shortcut.take(x)
+    branches = [routed if isinstance(routed, Routed) else begin_routed(spec, block, routed)]
+    if spec.shortcut.kind == "dgmoe":  # the same experts, top-1 on the block's own input, avoiding the tap's pick
+        branches.append(begin_routed(spec, block, x, avoid=branches[0].indices[:, 0]))
+    return finish_routed(spec, block, branches, x)
 
 
 @dataclasses.dataclass
@@ -27,15 +28,19 @@ class Routed:
     tokens: torch.Tensor          # [T, D] the routed input
     logits: torch.Tensor          # [T, E]
     weights: torch.Tensor         # [T, k]
+    indices: torch.Tensor         # [T, k]
     order: torch.Tensor           # [N]
     x_perm: torch.Tensor          # [N, D]
     counts: torch.Tensor          # [E]
     flight: object = None         # runtime.expert_parallel.Flight, rows already sent (shortcut + expert parallel)
 
 
-def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor) -> Routed:
+def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid: torch.Tensor | None = None
+                 ) -> Routed:
     """Router, route and dispatch of `routed_in` [..., D]; with a shortcut under expert parallelism the rows
-    are sent at once, so the exchange overlaps whatever the model computes before the block."""
+    are sent at once, so the exchange overlaps whatever the model computes before the block. `avoid` [T]
+    (DGMoE, top-1): each token's expert must differ from avoid[t]; where its first choice equals it, its
+    second choice is taken."""
     r, kern, cap = spec.route, spec.kernels, spec.capacity
     tokens = routed_in.reshape(-1, spec.hidden)                                  # [T, D]
     if spec.router_module is not None:
@@ -47,42 +52,55 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor) -> Ro
     router_b = spec.router_bias.get(block) if spec.router_bias else None
     logits = F.linear(tokens, spec.router.get(block), router_b)                  # [T, E]
     score_bias = spec.score_bias.get(block) if spec.score_bias else None
-    weights, indices, _ = ops.call(ops.route, logits, score_bias, r.num_experts, r.top_k, r.scoring, r.renormalize,
-                                    r.scale, r.n_group, r.topk_group, r.group_score, kern["route"])  # [T, k] ×2
+    if avoid is None:
+        weights, indices, _ = ops.call(ops.route, logits, score_bias, r.num_experts, r.top_k, r.scoring,
+                                       r.renormalize, r.scale, r.n_group, r.topk_group, r.group_score,
+                                       kern["route"])                                # [T, k] ×2
+    else:
+        scores = logits.float().softmax(-1) if r.scoring == "softmax" else logits.float().sigmoid()  # [T, E]
+        first, second = scores.topk(2, dim=-1).indices.unbind(-1)                       # [T] ×2
+        indices = torch.where(first == avoid, second, first).unsqueeze(-1)              # [T, 1]
+        weights = scores.gather(-1, indices) * r.scale
     x_perm, order, counts = ops.call(ops.dispatch, tokens, indices, r.num_experts, cap.capacity if cap else -1,
                                      cap.group_size if cap else 0, kern["dispatch"])
-    routed = Routed(tokens, logits, weights, order, x_perm, counts)
+    routed = Routed(tokens, logits, weights, indices, order, x_perm, counts)
     if spec.parallel is not None and spec.shortcut is not None:
         routed.flight = spec.parallel.start(x_perm, counts, capacity_rows(cap, tokens.shape[0]) if cap else None)
         routed.flight.send_all()
     return routed
 
 
-def finish_routed(spec: MoESpec, block: nn.Module, routed: Routed, x: torch.Tensor):
-    """Experts (through the exchange under expert parallelism, the shared expert meanwhile), combine, the
-    shared expert's contribution; → the block's outputs."""
+def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: torch.Tensor):
+    """Experts of each routed branch (through the exchange under expert parallelism, the shared expert
+    meanwhile), combine, the shared expert's contribution; → the block's outputs (logits and weights of
+    the first branch)."""
     cap, kern = spec.capacity, spec.kernels
-    tokens, x_perm, counts = routed.tokens, routed.x_perm, routed.counts
     w = expert_weights(spec, block)
-    # save what the backward needs only if there will be one: the forward is leaner without
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in [x_perm, *(t for ws in w.values() for t in ws)])
-    ffn = functools.partial(expert_ffn, spec, w, save=save)
     current = x.reshape(-1, spec.hidden)                                         # [T, D]
     shared = functools.partial(shared_expert, spec, block, current) if spec.shared is not None else None
-    # expert parallel: the rows travel to the ranks holding their experts and back (runtime/expert_parallel.py),
-    # and the shared expert runs while they do
-    if routed.flight is not None:
-        y_perm, shared_out = routed.flight.finish(ffn, side=shared)
-    elif spec.parallel is not None:
-        y_perm, shared_out = spec.parallel.run(x_perm, counts, ffn,
-                                               capacity_rows(cap, tokens.shape[0]) if cap else None, side=shared)
-    else:
-        y_perm, shared_out = ffn(x_perm, counts), None                            # [N, D]
-    fill = tokens if cap and cap.dropped == "identity" else None
-    out = ops.call(ops.combine, y_perm, routed.order, routed.weights, fill, kern["combine"])  # [T, D]
+    out, shared_out = None, None
+    for b, routed in enumerate(branches):
+        tokens, x_perm, counts = routed.tokens, routed.x_perm, routed.counts
+        # save what the backward needs only if there will be one: the forward is leaner without
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in [x_perm, *(t for ws in w.values() for t in ws)])
+        ffn = functools.partial(expert_ffn, spec, w, save=save)
+        side = shared if b == len(branches) - 1 else None
+        # expert parallel: the rows travel to the ranks holding their experts and back
+        # (runtime/expert_parallel.py), and the shared expert runs while they do
+        if routed.flight is not None:
+            y_perm, shared_out = routed.flight.finish(ffn, side=side)
+        elif spec.parallel is not None:
+            y_perm, shared_out = spec.parallel.run(x_perm, counts, ffn,
+                                                   capacity_rows(cap, tokens.shape[0]) if cap else None, side=side)
+        else:
+            y_perm = ffn(x_perm, counts)                                          # [N, D]
+        fill = tokens if cap and cap.dropped == "identity" else None
+        part = ops.call(ops.combine, y_perm, routed.order, routed.weights, fill, kern["combine"])  # [T, D]
+        out = part if out is None else out + part
     if shared is not None:
         out = out + (shared() if shared_out is None else shared_out)
-    results = {"out": out.view(x.shape).to(x.dtype), "logits": routed.logits, "weights": routed.weights}
+    first = branches[0]
+    results = {"out": out.view(x.shape).to(x.dtype), "logits": first.logits, "weights": first.weights}
     picked = tuple(results[name] for name in spec.outputs)
     return picked[0] if len(picked) == 1 else picked
 

@@ -19,7 +19,7 @@ class Options:
     mesh: object = None            # DeviceMesh whose "ep" dimension shards the experts (None: one process)
     placement: tuple | None = None # experts per ep rank (None: even)
     overlap: object = "off"        # "off", "auto" (cost model), or a pipelining degree (int)
-    shortcut: str | None = None    # "scmoe": shortcut-connected MoE blocks (an architecture change)
+    shortcut: str | None = None    # "scmoe" | "dgmoe": shortcut-connected MoE blocks (an architecture change)
 
 
 @dataclass

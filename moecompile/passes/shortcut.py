@@ -1,5 +1,5 @@
-"""shortcut: make each top-k MoE block shortcut-connected (ScMoE; Cai et al., ICML 2025). This changes the
-architecture: the result is a different model, which explain() says, with the parameter counts.
+"""shortcut: make each top-k MoE block shortcut-connected (ScMoE or DGMoE; Cai et al., ICML 2025). This
+changes the architecture: the result is a different model, which explain() says, with the parameter counts.
 
 Contract:   with options.shortcut == "scmoe", every rewritten MoE block at `<container>.<i>.<path>` whose
             preceding sibling `<container>.<i-1>.<path>` is a dense module (no routing in it: MoE every other
@@ -11,6 +11,9 @@ Contract:   with options.shortcut == "scmoe", every rewritten MoE block at `<con
             trains). SE is the block's own shared expert when it has one, else a new dense expert of the
             experts' shape initialized to their mean; w_cg [1, D] is a new gate (CG-1), zero-initialized
             (coefficient 0.5) unless the shared expert already has a gate.
+            With "dgmoe" there is no new shared expert: the same router and experts run top-1 twice,
+                out = combine(top-1 of tap) + combine(top-1 of x, its second choice where it equals the tap's)
+            (the paper's DoubleGating MoE; a shared expert the block already had is kept).
 Invariants: runs after validate, so the top-k rewrite it starts from was checked against the original;
             new parameters live in the optimized copy only (`<block>.shortcut_shared.*`,
             `<block>.shortcut_gate`), so the optimizer must be built from it; a block that does not fit
@@ -36,8 +39,6 @@ from moecompile.ir.lowering import begin_routed, expert_ffn, expert_weights
 from moecompile.ir.spec import MoESpec, WeightRef
 from moecompile.passes.registry import CompileContext, register_pass
 
-KINDS = ("scmoe",)
-
 
 class Tap:
     """The shortcut for the current forward. A forward pre-hook on the tapped module stores its input and
@@ -45,8 +46,8 @@ class Tap:
     rows), so that work overlaps whatever runs before the MoE block; the block then `take`s it, once.
     `example` is the input on the compile-time inputs, for passes that run the block alone (`prime()`)."""
 
-    def __init__(self, module_name: str, begin):
-        self.module_name, self.begin = module_name, begin
+    def __init__(self, kind: str, module_name: str, begin):
+        self.kind, self.module_name, self.begin = kind, module_name, begin
         self.value = self.example = None
 
     def store(self, _module, args):
@@ -101,13 +102,16 @@ def shortcut(ctx: CompileContext) -> None:
         if why:
             spec.notes.append(f"not shortcut-connected: {why}")
             continue
-        tap = Tap(tap_name, functools.partial(begin_routed, spec, block))
+        tap = Tap(kind, tap_name, functools.partial(begin_routed, spec, block))
         ctx.model.get_submodule(tap_name).register_forward_pre_hook(tap.store)
         _connect(spec, block, tap)
         layer.top_k = 1
         changed.append(layer.name)
-        spec.notes.append(f"ScMoE: top-1 experts routed on the input of {tap_name} (Pos-2 shortcut), "
-                          f"plus a gated shared expert on the block's own input")
+        spec.notes.append(
+            f"ScMoE: top-1 experts routed on the input of {tap_name} (Pos-2 shortcut), plus a gated shared "
+            f"expert on the block's own input" if kind == "scmoe" else
+            f"DGMoE: the experts applied top-1 twice, routed on the input of {tap_name} (Pos-2 shortcut) and "
+            f"on the block's own input, which takes its second choice where the two agree")
     if changed:  # one forward on the compile-time inputs records each tap's example value
         taps = [lifted.layer.spec.shortcut for lifted in ctx.lifted if lifted.layer.spec.shortcut is not None]
         hooks = [ctx.model.get_submodule(t.module_name).register_forward_pre_hook(
@@ -143,6 +147,8 @@ def _preceding(model: nn.Module, name: str, routed: set[str]) -> tuple[str | Non
 def _connect(spec: MoESpec, block: nn.Module, tap: Tap) -> None:
     spec.route = dataclasses.replace(spec.route, top_k=1, renormalize=False)
     spec.shortcut = tap
+    if tap.kind == "dgmoe":  # no shared expert of its own: the second top-1 pass takes its place
+        return
     if spec.shared is None:
         block.add_module("shortcut_shared", SharedExpert(spec, expert_weights(spec, block)))
         spec.shared = "shortcut_shared"
