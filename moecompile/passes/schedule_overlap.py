@@ -30,7 +30,7 @@ Pseudo-code:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import networkx as nx
 import torch
@@ -64,15 +64,10 @@ class Schedule:
     predicted_s: dict[int, float]          # candidate n → predicted forward + backward seconds
     comm_s: float                          # all-to-all time of forward + backward, unhidden
     compute_s: float                       # expert computation of forward + backward
-    measured_s: list[float] = field(default_factory=list)   # forward exchange-region times, filled at run time
 
     @property
     def predicted_total_s(self) -> float:
         return self.predicted_s[self.chunks]
-
-    @property
-    def predicted_forward_s(self) -> float:
-        return _makespan(self.forward)
 
     @property
     def exposed_comm_s(self) -> float:
@@ -152,10 +147,7 @@ def _shared_seconds(spec, block, tokens: int) -> tuple[float, float]:
     grad = torch.randn_like(x)
     key = f"shared {type(module).__name__} {x.dtype} T{tokens} " + " ".join(
         f"{tuple(p.shape)}" for p in module.parameters())
-    with torch.enable_grad():
-        forward = measured_s(key + " fwd", lambda: module(x))
-        both = measured_s(key + " fwd+bwd", lambda: module(x).backward(grad))
-    return forward, max(both - forward, 0.0)
+    return _fwd_bwd_seconds(key, lambda: module(x), grad)
 
 
 def _expert_seconds(spec, w, experts: int, rows: int) -> tuple[float, float]:
@@ -167,9 +159,14 @@ def _expert_seconds(spec, w, experts: int, rows: int) -> tuple[float, float]:
     grad = torch.randn_like(x)
     key = (f"experts {spec.expert.activation}/{spec.expert.fused or '-'} {spec.kernels['expert_ffn']} "
            f"{x.dtype} E{experts} rows{rows} " + " ".join(f"{k}{tuple(ts[0].shape)}" for k, ts in w.items() if ts))
+    return _fwd_bwd_seconds(key, lambda: expert_ffn(spec, w, x, counts, save=True), grad)
+
+
+def _fwd_bwd_seconds(key: str, run, grad) -> tuple[float, float]:
+    """(forward, backward) seconds of `run()`, measured once per machine under `key` (cost_model.measured_s)."""
     with torch.enable_grad():
-        forward = measured_s(key + " fwd", lambda: expert_ffn(spec, w, x, counts, save=True))
-        both = measured_s(key + " fwd+bwd", lambda: expert_ffn(spec, w, x, counts, save=True).backward(grad))
+        forward = measured_s(key + " fwd", run)
+        both = measured_s(key + " fwd+bwd", lambda: run().backward(grad))
     return forward, max(both - forward, 0.0)
 
 
