@@ -15,8 +15,8 @@ _STATE = "_moecompile"
 
 def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
              validate: bool = True, tolerance: float = 1e-4, pipeline: str = "default",
-             kernels: str = "auto", mesh=None, placement=None, overlap="off", shortcut: str | None = None
-             ) -> nn.Module:
+             kernels: str = "auto", mesh=None, placement=None, overlap="off", shortcut: str | None = None,
+             num_experts: int | None = None, upcycle_noise: float = 0.0) -> nn.Module:
     """Return an optimized model: same class, call signature, outputs, parameters and state_dict keys.
 
     The returned module is a structural copy of `model` that shares its `Parameter` objects (so one
@@ -36,6 +36,9 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
     block routes top-1 on a shortcut from that block and adds a gated shared expert on its own input
     (passes/shortcut.py). New parameters are added to the returned model: build the optimizer after.
     `shortcut="dgmoe"` instead applies the block's experts top-1 twice, on the shortcut and on its own input.
+    On a dense model, `shortcut="scmoe", num_experts=E` upcycles every second block's FFN into a ScMoE block:
+    E experts copied from the previous block's FFN (plus `upcycle_noise` relative Gaussian noise), the
+    block's own FFN as the shared expert.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moecompile.optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -43,6 +46,9 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
         raise ValueError(f"moecompile.optimize: kernels={kernels!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
     if shortcut not in (None, "scmoe", "dgmoe"):
         raise ValueError(f"moecompile.optimize: shortcut={shortcut!r}; expected None, 'scmoe' or 'dgmoe'")
+    if num_experts is not None and (shortcut != "scmoe" or num_experts < 2):
+        raise ValueError(f"moecompile.optimize: num_experts={num_experts!r} upcycles a dense model and needs "
+                         "shortcut='scmoe' and at least 2 experts")
     if (mesh is not None or shortcut) and example_inputs is None and example_kwargs is None:
         raise ValueError("moecompile.optimize(mesh=... or shortcut=...) needs example_inputs: both change the "
                          "model's parameters (expert shards, new shortcut parameters), so this must happen before "
@@ -51,7 +57,7 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
         raise ValueError(f"moecompile.optimize: overlap={overlap!r}; expected 'off', 'auto' or a pipelining degree >= 1")
     options = Options(validate=validate, tolerance=tolerance, pipeline=pipeline, kernels=kernels, mesh=mesh,
                       placement=None if placement is None else tuple(placement), overlap=overlap,
-                      shortcut=shortcut)
+                      shortcut=shortcut, num_experts=num_experts, upcycle_noise=upcycle_noise)
     fast = _share_parameters_copy(model)
     if example_inputs is not None or example_kwargs is not None:
         _compile(fast, tuple(example_inputs or ()), dict(example_kwargs or {}), options)

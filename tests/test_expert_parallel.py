@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import moecompile
-from moecompile.models import gpt_moe
+from moecompile.models import gpt_dense, gpt_moe
 from moecompile.runtime.expert_parallel import ExpertParallel, Placement, reduce_gradients
 from moecompile.validation import max_relative_error
 from tests import hf_families, hf_zoo
@@ -111,6 +111,8 @@ def _build(family):
     torch.manual_seed(0)
     if family == "gpt_moe":
         return gpt_moe(n_layer=2, d_model=32, d_ff=64, n_head=4, num_experts=8, max_seq=16)
+    if family == "gpt_dense":
+        return gpt_dense(n_layer=2, d_model=32, d_ff=64, n_head=4, max_seq=16)
     if family in HAND_WRITTEN:
         return Net(HAND_WRITTEN[family]())
     if family in hf_families.FAMILIES:
@@ -228,6 +230,7 @@ MODEL_CASES = {
     "switch (capacity, drops) over all tokens": ("switch", 1),
     "gpt_moe converted to ScMoE": ("gpt_moe", 2, {"shortcut": "scmoe"}),
     "gpt_moe converted to DGMoE": ("gpt_moe", 1, {"shortcut": "dgmoe"}),
+    "gpt_dense upcycled to ScMoE": ("gpt_dense", 2, {"shortcut": "scmoe", "num_experts": 8}),
 }
 
 

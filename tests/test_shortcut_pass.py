@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moecompile
-from moecompile.models import gpt_dgmoe, gpt_moe, gpt_scmoe
+from moecompile.models import gpt_dense, gpt_dgmoe, gpt_moe, gpt_scmoe
 from moecompile.validation import max_relative_error
 
 SMALL = dict(n_layer=4, d_model=32, d_ff=64, n_head=4, max_seq=16, num_experts=8)
@@ -91,3 +91,78 @@ def test_dgmoe_conversion_equals_the_reference():
     ref.load_state_dict({rename(n): p.detach() for n, p in fast.named_parameters()}, strict=True)
     _assert_same_step(fast, ref, idx, rename)
     assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in gpt_moe(**SMALL).parameters())
+
+
+def _upcycled_pairs(model):
+    """(parameter of the upcycled GPT, the expert index or None, the reference's name for that part)."""
+    layers = {"w1": "fc.weight", "b1": "fc.bias", "w2": "proj.weight", "b2": "proj.bias"}
+    for n, p in model.named_parameters():
+        role = n.rsplit(".", 1)[-1]
+        if n.startswith(("blocks.1.ffn.", "blocks.3.ffn.")) and role in layers:
+            for e in range(p.shape[0]):
+                yield p, e, n.replace(f"ffn.{role}", f"moe.experts.{e}.{layers[role]}")
+        else:
+            for ours, theirs in (("ffn.router", "moe.router.weight"), ("ffn.gate", "coef.weight"),
+                                 ("ffn.shared.", "shared.")):
+                n = n.replace(ours, theirs)
+            yield p, None, n
+
+
+def test_dense_gpt_upcycled_to_scmoe_equals_the_reference():
+    """Experts copied from the block before, the block's FFN as shared expert (output layer doubled: the
+    zero gate halves it), and then the same function as the hand-written ScMoE with those weights."""
+    torch.manual_seed(0)
+    dense = gpt_dense(**SMALL)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    want_dense = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    fast = moecompile.optimize(dense, (idx, idx), shortcut="scmoe", num_experts=8)
+    assert all(torch.equal(p, want_dense[n]) for n, p in dense.named_parameters())   # the user's model untouched
+    block = fast.blocks[1].ffn
+    assert torch.equal(block.w1[5], dense.blocks[0].ffn.fc.weight)                   # experts: the FFN before
+    assert torch.equal(block.shared.proj.weight, 2 * dense.blocks[1].ffn.proj.weight)
+    _, fast_loss = fast(idx, idx)
+    _, dense_loss = dense(idx, idx)
+    assert abs(fast_loss.item() - dense_loss.item()) < 0.01 * dense_loss.item()      # starts close
+
+    ref = gpt_scmoe(**SMALL)
+    pairs = list(_upcycled_pairs(fast))
+    ref.load_state_dict({name: (p if e is None else p[e]).detach() for p, e, name in pairs}, strict=True)
+    (out, loss), (want, want_loss) = fast(idx, idx), ref(idx, idx)
+    assert max_relative_error(out, want, want) < 1e-5
+    loss.backward()
+    want_loss.backward()
+    theirs = dict(ref.named_parameters())
+    for p, e, name in pairs:
+        ours = p.grad if e is None else p.grad[e]
+        assert max_relative_error(ours, theirs[name].grad, theirs[name]) < 1e-5, name
+
+
+def test_upcycling_requests():
+    with pytest.raises(ValueError, match="needs shortcut='scmoe'"):
+        moecompile.optimize(gpt_dense(**SMALL), (torch.zeros(1, 4, dtype=torch.long),), num_experts=8)
+    with pytest.raises(ValueError, match="already has MoE blocks"):
+        moecompile.optimize(gpt_moe(**SMALL), (torch.zeros(1, 4, dtype=torch.long),), shortcut="scmoe",
+                            num_experts=8)
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2"])
+def test_hugging_face_dense_models_upcycle(family):
+    """Hugging Face dense decoders (SwiGLU MLPs, no biases): every second layer's MLP becomes a ScMoE block
+    that starts close to it and trains (router, experts, gate and shared expert all get gradients)."""
+    import transformers
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)
+    dense = getattr(transformers, f"{family}ForCausalLM")(config)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    fast = moecompile.optimize(dense, (ids,), {"labels": ids}, shortcut="scmoe", num_experts=4)
+    layers = moecompile.explain(fast).moe_layers
+    assert [(m.name, m.top_k, m.spec.expert.activation) for m in layers] == \
+        [("model.layers.1.mlp", 1, "swiglu"), ("model.layers.3.mlp", 1, "swiglu")]
+    loss = fast(ids, labels=ids).loss
+    assert abs(loss.item() - dense(ids, labels=ids).loss.item()) < 0.01 * loss.item()
+    loss.backward()
+    block = fast.model.layers[1].mlp
+    for name in ("router", "gate", "w1", "w2", "w3", "shared.down_proj.weight"):
+        assert block.get_parameter(name).grad.abs().sum() > 0, name

@@ -162,7 +162,7 @@ def _expert_refs(g: Reader, info, E: int, D: int, first: bool) -> WeightRef | li
     m, act, name, chain, bias, *part = info
     val = g.param(name)
     template = _per_expert_template(name, g.names, E)
-    if template is not None:
+    if template is not None or (E == 1 and val.dim() == 2):  # (a dense FFN read as one expert: read_dense_ffn)
         per = tuple(val.shape)
     elif val.dim() == 3 and val.shape[0] == E:
         per = tuple(val.shape[1:])
@@ -173,7 +173,7 @@ def _expert_refs(g: Reader, info, E: int, D: int, first: bool) -> WeightRef | li
     transpose = _is_in_out_layout(per, chain, D, first, g)
     index = () if not part else (part[0],) if not transpose else (slice(None), part[0])
     if template is None:
-        return WeightRef(name, index, transpose, stacked=True)
+        return [WeightRef(name, index, transpose)] if val.dim() == 2 else WeightRef(name, index, transpose, stacked=True)
     return [WeightRef(template.format(e), index, transpose) for e in range(E)]
 
 
@@ -219,4 +219,25 @@ def _expert_bias(g: Reader, info, E: int) -> WeightRef | list[WeightRef] | None:
         return [WeightRef(template.format(e), index) for e in range(E)]
     if val.dim() == 2 and val.shape[0] == E:
         return WeightRef(bname, index, stacked=True)
+    if E == 1 and val.dim() == 1:
+        return [WeightRef(bname, index)]
     raise Unsupported(f"expert bias {bname} {tuple(val.shape)} is neither per-expert nor stacked")
+
+
+def read_dense_ffn(module: torch.nn.Module, x: torch.Tensor) -> tuple[ExpertSpec, ExpertWeights]:
+    """A dense feed-forward module (e.g. a transformer block's MLP), read from its recorded graph on input
+    x [..., D] as one expert: its structure, and WeightRefs (lists of one) to its own parameters. Raises
+    Unsupported when the module is not a two-layer FFN (attention, norms, ...)."""
+    from moecompile.frontend.capture import record
+    from moecompile.frontend.graph import MATMULS
+    rec = record(module, (x,), {})
+    names = {n for n, _ in module.named_parameters()}
+    g = Reader(rec, names)
+    matmuls = [n for n in rec.graph.nodes if n.op == "call_function" and n.target in MATMULS]
+    if not 2 <= len(matmuls) <= 3 or any(n.target in ATTENTION for n in rec.graph.nodes):
+        raise Unsupported(f"not a two-layer feed-forward module ({len(matmuls)} matmuls, or attention)")
+    return read_experts(g, matmuls, 1, x.shape[-1])
+
+
+ATTENTION = {aten._softmax.default, aten.softmax.int, aten._scaled_dot_product_flash_attention_for_cpu.default,
+             aten.scaled_dot_product_attention.default}

@@ -20,6 +20,8 @@ class Options:
     placement: tuple | None = None # experts per ep rank (None: even)
     overlap: object = "off"        # "off", "auto" (cost model), or a pipelining degree (int)
     shortcut: str | None = None    # "scmoe" | "dgmoe": shortcut-connected MoE blocks (an architecture change)
+    num_experts: int | None = None # with shortcut="scmoe" on a dense model: upcycle to this many experts
+    upcycle_noise: float = 0.0     # relative std of the noise added to each upcycled expert's copy
 
 
 @dataclass

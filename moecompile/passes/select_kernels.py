@@ -32,17 +32,20 @@ AUTO = {  # device type → backend per op
 
 @register_pass("select_kernels")
 def select_kernels(ctx: CompileContext) -> None:
-    choice = ctx.options.kernels
     for lifted in ctx.lifted:
         spec = lifted.layer.spec
-        device = spec.router.get(lifted.block).device.type
-        if choice == "auto":
-            kernels = dict(AUTO.get(device, AUTO["cpu"]))  # other devices: plain torch runs anywhere
-            if "triton" in kernels.values() and why_no_triton(device):
-                kernels = {op: "native" if k == "triton" else k for op, k in kernels.items()}
-        else:
-            why = why_no_triton(device) if choice == "triton" else None
-            if why:
-                raise ValueError(f"moecompile: kernels='triton' cannot run {lifted.layer.name or 'the model'}: {why}")
-            kernels = dict.fromkeys(OPS, choice)
-        spec.kernels = kernels
+        spec.kernels = kernels_for(ctx.options.kernels, spec.router.get(lifted.block).device.type,
+                                   lifted.layer.name)
+
+
+def kernels_for(choice: str, device: str, where: str) -> dict[str, str]:
+    """op → backend for a block on `device` under `optimize(kernels=choice)` (see the module docstring)."""
+    if choice == "auto":
+        kernels = dict(AUTO.get(device, AUTO["cpu"]))  # other devices: plain torch runs anywhere
+        if "triton" in kernels.values() and why_no_triton(device):
+            kernels = {op: "native" if k == "triton" else k for op, k in kernels.items()}
+        return kernels
+    why = why_no_triton(device) if choice == "triton" else None
+    if why:
+        raise ValueError(f"moecompile: kernels='triton' cannot run {where or 'the model'}: {why}")
+    return dict.fromkeys(OPS, choice)

@@ -28,16 +28,23 @@ Pseudo-code:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import re
+import types
 
 import torch
 from torch import nn
 
-from moecompile.ir.lowering import begin_routed, expert_ffn, expert_weights
-from moecompile.ir.spec import MoESpec, WeightRef
-from moecompile.passes.registry import CompileContext, register_pass
+from moecompile.frontend.experts import read_dense_ffn
+from moecompile.frontend.graph import Unsupported
+from moecompile.ir.lowering import begin_routed, expert_ffn, expert_weights, run_moe
+from moecompile.ir.spec import ExpertWeights, MoESpec, RouteSpec, WeightRef
+from moecompile.passes.registry import CompileContext, Lifted, register_pass
+from moecompile.passes.select_kernels import kernels_for
+from moecompile.report import MoELayer
+from moecompile.validation import max_relative_error
 
 
 class Tap:
@@ -93,8 +100,9 @@ def shortcut(ctx: CompileContext) -> None:
         return
     before = sum(p.numel() for p in ctx.model.parameters())
     routed = {lifted.layer.name for lifted in ctx.lifted}
-    changed = []
-    for lifted in ctx.lifted:
+    found = list(ctx.lifted)
+    changed = _upcycle(ctx, kind) if ctx.options.num_experts else []
+    for lifted in found:
         layer, spec, block = lifted.layer, lifted.layer.spec, lifted.block
         if not layer.rewritten:
             continue
@@ -156,3 +164,108 @@ def _connect(spec: MoESpec, block: nn.Module, tap: Tap) -> None:
         weight = spec.router.get(block)
         block.register_parameter("shortcut_gate", nn.Parameter(weight.new_zeros(1, spec.hidden)))
         spec.shared_gate = WeightRef("shortcut_gate")
+
+
+# ---- dense → ScMoE by upcycling ----------------------------------------------------------------------------
+def _upcycle(ctx: CompileContext, kind: str) -> list[str]:
+    """Dense model (no MoE found): in every numbered block, the feed-forward child module is read from its
+    graph (frontend.experts.read_dense_ffn); every second block's (1, 3, ...) becomes an `Upcycled` ScMoE
+    block tapping the FFN of the block before. Returns the converted module names."""
+    if kind != "scmoe":
+        raise ValueError(f"moecompile: upcycling a dense model (num_experts=...) makes ScMoE blocks, not {kind!r}")
+    if ctx.lifted:
+        raise ValueError("moecompile: num_experts= upcycles a dense model; this one already has MoE blocks")
+    ctx.report.notes = [n for n in ctx.report.notes if not n.startswith("no MoE blocks found")]
+    inputs = _child_inputs(ctx)
+    ffns = {}
+    for name, x in inputs.items():
+        try:
+            ffns[name] = (x, *read_dense_ffn(ctx.model.get_submodule(name), x))
+        except Unsupported:
+            continue
+    changed = []
+    for name, (x, expert, weights) in ffns.items():
+        container, index, path = re.fullmatch(r"(.*?)\.?(\d+)\.([^.]+)", name).groups()
+        prev = f"{container}.{int(index) - 1}.{path}" if container else f"{int(index) - 1}.{path}"
+        if int(index) % 2 == 0 or prev not in ffns:
+            continue
+        _install_upcycled(ctx, name, prev, x, ffns[prev][0], weights, ffns[prev][2], expert)
+        changed.append(name)
+    if not changed:
+        ctx.report.notes.append("upcycling found no pair of blocks with feed-forward modules at the same path")
+    return changed
+
+
+def _child_inputs(ctx: CompileContext) -> dict[str, torch.Tensor]:
+    """The first input of every direct child of a numbered block (`<container>.<i>.<child>`), on the
+    compile-time inputs."""
+    inputs, hooks = {}, []
+    for name, module in ctx.model.named_modules():
+        if re.fullmatch(r"(.*\.)?\d+\.[^.]+", name):
+            hooks.append(module.register_forward_pre_hook(
+                lambda _m, args, name=name: inputs.setdefault(name, args[0].detach()) if args and
+                isinstance(args[0], torch.Tensor) else None))
+    try:
+        with torch.no_grad():
+            ctx.model(*ctx.args, **ctx.kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
+class Upcycled(nn.Module):
+    """A dense block's FFN turned into a ScMoE block (Upcycled.spec says how it runs): a router, E experts
+    copied from the FFN of the block before (plus `noise` x each weight's std of Gaussian noise, so they
+    can diverge), the block's own FFN as the shared expert, and the CG-1 gate (zero: coefficient 0.5, so
+    the shared expert's output layer starts doubled and 0.5·SE is the dense FFN it replaces)."""
+
+    def __init__(self, dense: nn.Module, dense_weights, prev: nn.Module, prev_weights, num_experts: int,
+                 hidden: int, noise: float):
+        super().__init__()
+        self.shared = copy.deepcopy(dense)   # new Parameters: the user's model is left as it was
+        with torch.no_grad():
+            for refs in (dense_weights.w2, dense_weights.b2):
+                for ref in refs or []:
+                    ref.get(self.shared).mul_(2.0)
+        weight = prev_weights.w1[0].get(prev)
+        self.router = nn.Parameter(torch.randn(num_experts, hidden, dtype=weight.dtype) * 0.02)
+        self.gate = nn.Parameter(weight.new_zeros(1, hidden))
+        self.roles = []
+        for role, refs in vars(prev_weights).items():
+            if refs:
+                w = refs[0].get(prev).detach()
+                stacked = w.unsqueeze(0).repeat(num_experts, *([1] * w.dim()))
+                stacked += noise * w.std() * torch.randn_like(stacked) if noise else 0.0
+                self.register_parameter(role, nn.Parameter(stacked))
+                self.roles.append(role)
+
+
+def _install_upcycled(ctx, name, prev, x, x_prev, weights, prev_weights, expert) -> None:
+    """Replace the FFN at `name` (input x) by an Upcycled ScMoE block tapping the FFN at `prev` (input
+    x_prev), in the optimized copy; list it as a lifted block for the passes that follow."""
+    E, D = ctx.options.num_experts, x.shape[-1]
+    parent_name, _, child = name.rpartition(".")
+    parent = ctx.model.get_submodule(parent_name)
+    dense, prev_module = getattr(parent, child), ctx.model.get_submodule(prev)
+    block = Upcycled(dense, weights, prev_module, prev_weights, E, D, ctx.options.upcycle_noise)
+    spec = MoESpec(
+        hidden=D, route=RouteSpec(E, 1), expert=expert, router=WeightRef("router"),
+        weights=ExpertWeights(**{role: WeightRef(role, stacked=True) for role in block.roles}),
+        shared="shared", shared_gate=WeightRef("gate"),
+        kernels=kernels_for(ctx.options.kernels, x.device.type, name))
+    tap = Tap("scmoe", prev, functools.partial(begin_routed, spec, block))
+    prev_module.register_forward_pre_hook(tap.store)
+    spec.shortcut = tap
+    block.forward = types.MethodType(lambda self, h, *rest, **kw: run_moe(spec, self, h), block)
+    setattr(parent, child, block)
+    tap.example = x_prev
+    with torch.no_grad():  # how far the converted block starts from the dense FFN it replaces
+        tap.prime()
+        want = dense(x)
+        drift = max_relative_error(block(x), want, want)
+    layer = MoELayer(name, E, 1, "softmax", rewritten=True, spec=spec)
+    ctx.report.notes.append(f"{name} upcycled: experts copied from {prev}, shared expert from its own FFN; "
+                            f"its output starts {drift:.1%} (relative) from the dense FFN's")
+    ctx.report.moe_layers.append(layer)
+    ctx.lifted.append(Lifted(layer, block, block.forward, (x,), {}))
