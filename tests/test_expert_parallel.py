@@ -231,6 +231,7 @@ MODEL_CASES = {
     "gpt_moe converted to ScMoE": ("gpt_moe", 2, {"shortcut": "scmoe"}),
     "gpt_moe converted to DGMoE": ("gpt_moe", 1, {"shortcut": "dgmoe"}),
     "gpt_dense upcycled to ScMoE": ("gpt_dense", 2, {"shortcut": "scmoe", "num_experts": 8}),
+    "mixtral converted to ScMoE (Pos-1)": ("mixtral", 2, {"shortcut": "scmoe"}),
 }
 
 

@@ -63,15 +63,30 @@ def test_explain_says_the_architecture_changed():
     assert after == before + 2 * (2 * 32 * 64 + 64 + 32 + 32)       # a shared expert and a gate per block
 
 
-def test_a_first_block_moe_is_left_alone_with_a_reason():
+def test_moe_in_every_block_taps_the_attention_input():
+    """MoE in every block (Mixtral-style): the paper's Pos-1, the routed branch reads the block's first norm's
+    output (its attention's input). Checked against the formula with a top-1 GPT MoE holding the same weights."""
+    from moecompile.models.gpt import GPTConfig, MoE
     torch.manual_seed(0)
-    model = gpt_moe(**{**SMALL, "moe_every": 1})            # MoE in every block
+    model = gpt_moe(**{**SMALL, "moe_every": 1})
     idx = torch.randint(0, 256, (2, 16))
     fast = moecompile.optimize(model, (idx,), shortcut="scmoe")
     layers = moecompile.explain(fast).moe_layers
-    assert all(m.top_k == 2 for m in layers)
-    assert "no preceding block" in " ".join(layers[0].spec.notes)
-    assert "MoE too" in " ".join(layers[1].spec.notes)
+    assert [m.top_k for m in layers] == [1] * 4
+    assert "blocks.2.ln1, its attention's input (Pos-1" in " ".join(layers[2].spec.notes)
+    block, x = fast.blocks[2], torch.randn(2, 16, 32)
+    routed = MoE(GPTConfig(**{**SMALL, "top_k": 1}))
+    routed.load_state_dict({k: v for k, v in block.ffn.state_dict().items() if k.startswith(("router", "experts"))})
+    with torch.no_grad():
+        h = x + block.attn(block.ln1(x))
+        c = block.ln2(h)
+        want = h + torch.sigmoid(c @ block.ffn.shortcut_gate.t()) * block.ffn.shortcut_shared(c.reshape(-1, 32)
+                                                                                              ).view_as(c) \
+            + routed(block.ln1(x))
+        assert max_relative_error(block(x), want, want) < 1e-5
+    out, loss = fast(idx, idx)
+    loss.backward()
+    assert all(layer.spec.shortcut is not None for layer in layers)
 
 
 def test_bad_requests():
@@ -166,3 +181,21 @@ def test_hugging_face_dense_models_upcycle(family):
     block = fast.model.layers[1].mlp
     for name in ("router", "gate", "w1", "w2", "w3", "shared.down_proj.weight"):
         assert block.get_parameter(name).grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_hugging_face_top2_models_convert(family):
+    """Mixtral and Qwen2-MoE put an MoE in every layer: Pos-1, routed on each layer's input_layernorm output.
+    Qwen2-MoE keeps its own gated shared expert (no new parameters); Mixtral gets one per layer."""
+    from tests import hf_zoo
+    torch.manual_seed(0)
+    model = hf_zoo.FAMILIES[family]()
+    args, kwargs = hf_zoo.inputs(family)
+    fast = moecompile.optimize(model, args, kwargs, shortcut="scmoe")
+    layers = moecompile.explain(fast).moe_layers
+    assert [m.top_k for m in layers] == [1, 1]
+    assert all(f"model.layers.{i}.input_layernorm" in m.spec.notes[-1] for i, m in enumerate(layers))
+    added = sum(p.numel() for p in fast.parameters()) - sum(p.numel() for p in model.parameters())
+    assert (added == 0) == (family == "qwen2_moe")
+    fast(*args, **kwargs).loss.backward()
+    assert fast.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0       # the router trains

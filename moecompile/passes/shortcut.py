@@ -48,17 +48,28 @@ from moecompile.validation import max_relative_error
 
 
 class Tap:
-    """The shortcut for the current forward. A forward pre-hook on the tapped module stores its input and
-    `begin`s the routed branch right there (route, dispatch and, under expert parallelism, sending the
-    rows), so that work overlaps whatever runs before the MoE block; the block then `take`s it, once.
-    `example` is the input on the compile-time inputs, for passes that run the block alone (`prime()`)."""
+    """The shortcut for the current forward. A hook on the tapped module (on its input, or with
+    `output=True` on its output) stores the value and `begin`s the routed branch right there (route,
+    dispatch and, under expert parallelism, sending the rows), so that work overlaps whatever runs before
+    the MoE block; the block then `take`s it, once. `example` is the value on the compile-time inputs, for
+    passes that run the block alone (`prime()`); it is recorded while `recording` is set."""
 
-    def __init__(self, kind: str, module_name: str, begin):
-        self.kind, self.module_name, self.begin = kind, module_name, begin
+    def __init__(self, kind: str, module_name: str, begin, output: bool = False):
+        self.kind, self.module_name, self.begin, self.output = kind, module_name, begin, output
         self.value = self.example = None
+        self.recording = False
 
-    def store(self, _module, args):
-        self.value = self.begin(args[0])
+    def attach(self, model: nn.Module) -> None:
+        module = model.get_submodule(self.module_name)
+        if self.output:
+            module.register_forward_hook(lambda _m, _args, out: self.store(out))
+        else:
+            module.register_forward_pre_hook(lambda _m, args: self.store(args[0]))
+
+    def store(self, value: torch.Tensor) -> None:
+        if self.recording:
+            self.example = value.detach()
+        self.value = self.begin(value)
 
     def prime(self) -> None:
         self.value = self.example
@@ -68,7 +79,7 @@ class Tap:
         value, self.value = self.value, None
         tokens = getattr(value, "tokens", value)
         if tokens is None or tokens.numel() != like.numel():
-            raise RuntimeError(f"moecompile: this ScMoE block reads its routed input from {self.module_name}, "
+            raise RuntimeError(f"moecompile: this shortcut block reads its routed input from {self.module_name}, "
                                f"which must run first in the same forward, with an input shaped like the block's")
         return value
 
@@ -102,32 +113,37 @@ def shortcut(ctx: CompileContext) -> None:
     routed = {lifted.layer.name for lifted in ctx.lifted}
     found = list(ctx.lifted)
     changed = _upcycle(ctx, kind) if ctx.options.num_experts else []
+    order = _call_order(ctx) if found else {}
     for lifted in found:
         layer, spec, block = lifted.layer, lifted.layer.spec, lifted.block
         if not layer.rewritten:
             continue
         tap_name, why = _preceding(ctx.model, layer.name, routed)
-        if why:
-            spec.notes.append(f"not shortcut-connected: {why}")
-            continue
-        tap = Tap(kind, tap_name, functools.partial(begin_routed, spec, block))
-        ctx.model.get_submodule(tap_name).register_forward_pre_hook(tap.store)
+        position = "the input of " + str(tap_name) + " (Pos-2 shortcut)"
+        if why:  # MoE in every block: the paper's Pos-1, the current block's attention input
+            tap_name, why_not = _first_norm(ctx.model, layer.name, order)
+            if why_not:
+                spec.notes.append(f"not shortcut-connected: {why}; {why_not}")
+                continue
+            position = f"the output of {tap_name}, its attention's input (Pos-1 shortcut: MoE in every block)"
+        tap = Tap(kind, tap_name, functools.partial(begin_routed, spec, block), output=position.startswith("the output"))
+        tap.attach(ctx.model)
         _connect(spec, block, tap)
         layer.top_k = 1
         changed.append(layer.name)
         spec.notes.append(
-            f"ScMoE: top-1 experts routed on the input of {tap_name} (Pos-2 shortcut), plus a gated shared "
-            f"expert on the block's own input" if kind == "scmoe" else
-            f"DGMoE: the experts applied top-1 twice, routed on the input of {tap_name} (Pos-2 shortcut) and "
-            f"on the block's own input, which takes its second choice where the two agree")
-    if changed:  # one forward on the compile-time inputs records each tap's example value
-        taps = [lifted.layer.spec.shortcut for lifted in ctx.lifted if lifted.layer.spec.shortcut is not None]
-        hooks = [ctx.model.get_submodule(t.module_name).register_forward_pre_hook(
-            lambda _m, args, t=t: setattr(t, "example", args[0].detach())) for t in taps]
+            f"ScMoE: top-1 experts routed on {position}, plus a gated shared expert on the block's own input"
+            if kind == "scmoe" else
+            f"DGMoE: the experts applied top-1 twice, routed on {position} and on the block's own input, which "
+            f"takes its second choice where the two agree")
+    taps = [lifted.layer.spec.shortcut for lifted in ctx.lifted if lifted.layer.spec.shortcut is not None]
+    if taps:  # one forward on the compile-time inputs records each tap's example value
+        for t in taps:
+            t.recording = True
         with torch.no_grad():
             ctx.model(*ctx.args, **ctx.kwargs)
-        for h in hooks:
-            h.remove()
+        for t in taps:
+            t.recording = False
     after = sum(p.numel() for p in ctx.model.parameters())
     ctx.report.notes.append(f"architecture changed (shortcut={kind!r}): {len(changed)} block(s) "
                             f"{', '.join(changed) or '-'}; parameters {before:,} → {after:,}")
@@ -147,9 +163,41 @@ def _preceding(model: nn.Module, name: str, routed: set[str]) -> tuple[str | Non
     except AttributeError:
         return None, f"the preceding block has no {path}"
     if prev in routed:
-        return None, (f"the preceding block's {path} is an MoE too (MoE in every block: the paper's Pos-1 "
-                      f"variant, not supported yet)")
+        return None, f"the preceding block's {path} is an MoE too"
     return prev, None
+
+
+def _call_order(ctx: CompileContext) -> dict[str, list[str]]:
+    """Per numbered block `<container>.<i>`, its direct children in the order they first ran."""
+    order: dict[str, list[str]] = {}
+    hooks = []
+    for name, module in ctx.model.named_modules():
+        m = re.fullmatch(r"((?:.*\.)?\d+)\.[^.]+", name)
+        if m:
+            hooks.append(module.register_forward_pre_hook(
+                lambda _m, _a, name=name, block=m.group(1): order.setdefault(block, []).append(name)
+                if name not in order.get(block, []) else None))
+    try:
+        with torch.no_grad():
+            ctx.model(*ctx.args, **ctx.kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def _first_norm(model: nn.Module, name: str, order: dict[str, list[str]]) -> tuple[str | None, str | None]:
+    """(the first module the MoE's own block runs, when it is a normalization: only 1-D parameters, its
+    output feeding the attention, None) or (None, why not)."""
+    block = re.fullmatch(r"((?:.*\.)?\d+)\..+", name)
+    children = order.get(block.group(1), []) if block else []
+    if not children or name.startswith(children[0]):
+        return None, "no module runs before the MoE in its block"
+    first = model.get_submodule(children[0])
+    params = list(first.parameters())
+    if not params or any(p.dim() != 1 for p in params):
+        return None, f"the block's first module {children[0]} is not a normalization"
+    return children[0], None
 
 
 def _connect(spec: MoESpec, block: nn.Module, tap: Tap) -> None:
@@ -255,7 +303,7 @@ def _install_upcycled(ctx, name, prev, x, x_prev, weights, prev_weights, expert)
         shared="shared", shared_gate=WeightRef("gate"),
         kernels=kernels_for(ctx.options.kernels, x.device.type, name))
     tap = Tap("scmoe", prev, functools.partial(begin_routed, spec, block))
-    prev_module.register_forward_pre_hook(tap.store)
+    tap.attach(ctx.model)
     spec.shortcut = tap
     block.forward = types.MethodType(lambda self, h, *rest, **kw: run_moe(spec, self, h), block)
     setattr(parent, child, block)
