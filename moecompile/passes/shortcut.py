@@ -113,7 +113,7 @@ def shortcut(ctx: CompileContext) -> None:
     routed = {lifted.layer.name for lifted in ctx.lifted}
     found = list(ctx.lifted)
     changed = _upcycle(ctx, kind) if ctx.options.num_experts else []
-    order = _call_order(ctx) if found else {}
+    order = _block_children(ctx)[0] if found else {}
     for lifted in found:
         layer, spec, block = lifted.layer, lifted.layer.spec, lifted.block
         if not layer.rewritten:
@@ -167,23 +167,30 @@ def _preceding(model: nn.Module, name: str, routed: set[str]) -> tuple[str | Non
     return prev, None
 
 
-def _call_order(ctx: CompileContext) -> dict[str, list[str]]:
-    """Per numbered block `<container>.<i>`, its direct children in the order they first ran."""
+def _block_children(ctx: CompileContext) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    """One forward on the compile-time inputs, watching the direct children of every numbered block
+    (`<container>.<i>.<child>`): per block, its children in the order they first ran; per child, its first
+    tensor input."""
     order: dict[str, list[str]] = {}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def seen(name, block, args):
+        if name not in inputs:
+            order.setdefault(block, []).append(name)
+            inputs[name] = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
     hooks = []
     for name, module in ctx.model.named_modules():
         m = re.fullmatch(r"((?:.*\.)?\d+)\.[^.]+", name)
         if m:
             hooks.append(module.register_forward_pre_hook(
-                lambda _m, _a, name=name, block=m.group(1): order.setdefault(block, []).append(name)
-                if name not in order.get(block, []) else None))
+                lambda _m, args, name=name, block=m.group(1): seen(name, block, args)))
     try:
         with torch.no_grad():
             ctx.model(*ctx.args, **ctx.kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return order
+    return order, {name: x for name, x in inputs.items() if x is not None}
 
 
 def _first_norm(model: nn.Module, name: str, order: dict[str, list[str]]) -> tuple[str | None, str | None]:
@@ -224,7 +231,7 @@ def _upcycle(ctx: CompileContext, kind: str) -> list[str]:
     if ctx.lifted:
         raise ValueError("moecompile: num_experts= upcycles a dense model; this one already has MoE blocks")
     ctx.report.notes = [n for n in ctx.report.notes if not n.startswith("no MoE blocks found")]
-    inputs = _child_inputs(ctx)
+    inputs = _block_children(ctx)[1]
     ffns = {}
     for name, x in inputs.items():
         try:
@@ -242,24 +249,6 @@ def _upcycle(ctx: CompileContext, kind: str) -> list[str]:
     if not changed:
         ctx.report.notes.append("upcycling found no pair of blocks with feed-forward modules at the same path")
     return changed
-
-
-def _child_inputs(ctx: CompileContext) -> dict[str, torch.Tensor]:
-    """The first input of every direct child of a numbered block (`<container>.<i>.<child>`), on the
-    compile-time inputs."""
-    inputs, hooks = {}, []
-    for name, module in ctx.model.named_modules():
-        if re.fullmatch(r"(.*\.)?\d+\.[^.]+", name):
-            hooks.append(module.register_forward_pre_hook(
-                lambda _m, args, name=name: inputs.setdefault(name, args[0].detach()) if args and
-                isinstance(args[0], torch.Tensor) else None))
-    try:
-        with torch.no_grad():
-            ctx.model(*ctx.args, **ctx.kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return inputs
 
 
 class Upcycled(nn.Module):
