@@ -152,7 +152,8 @@ def _model_cases(rank, ws, mesh_shape, cases):
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "ep") if len(mesh_shape) == 2 else ("ep",))
     errors = {}
     for name, (family, overlap, *options) in cases.items():
-        options = options[0] if options else {}
+        options = dict(options[0]) if options else {}
+        slot = options.pop("slot", None)  # force a shortcut block's expert slot
         b = 2
         args, kwargs = _global_batch(family, b * ws)
         local_args, local_kwargs = _slice((args, kwargs), rank, ws)
@@ -165,6 +166,8 @@ def _model_cases(rank, ws, mesh_shape, cases):
         fast = moecompile.optimize(_build(family), local_args, local_kwargs, mesh=mesh, overlap=overlap, **options)
         if whole_batch:
             _set_capacity_groups(fast, lambda layer: 0)
+        for layer in moecompile.explain(fast).moe_layers if slot else ():
+            layer.spec.shortcut.slot = slot
         for _ in range(TUNING_CALLS if overlap == "auto" else 1):  # "auto" changes degree as it re-tunes
             for p in fast.parameters():
                 p.grad = None
@@ -229,6 +232,8 @@ MODEL_CASES = {
     "switch (capacity per sequence, drops)": ("switch", 2),
     "switch (capacity, drops) over all tokens": ("switch", 1),
     "gpt_moe converted to ScMoE": ("gpt_moe", 2, {"shortcut": "scmoe"}),
+    "ScMoE, experts at the early slot": ("gpt_moe", 2, {"shortcut": "scmoe", "slot": "early"}),
+    "ScMoE, experts at the block slot": ("gpt_moe", 1, {"shortcut": "scmoe", "slot": "block"}),
     "gpt_moe converted to DGMoE": ("gpt_moe", 1, {"shortcut": "dgmoe"}),
     "gpt_dense upcycled to ScMoE": ("gpt_dense", 2, {"shortcut": "scmoe", "num_experts": 8}),
     "mixtral converted to ScMoE (Pos-1)": ("mixtral", 2, {"shortcut": "scmoe"}),

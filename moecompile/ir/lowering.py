@@ -75,15 +75,12 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
     meanwhile), combine, the shared expert's contribution; → the block's outputs (logits and weights of
     the first branch)."""
     cap, kern = spec.capacity, spec.kernels
-    w = expert_weights(spec, block)
     current = x.reshape(-1, spec.hidden)                                         # [T, D]
     shared = functools.partial(shared_expert, spec, block, current) if spec.shared is not None else None
     out, shared_out = None, None
     for b, routed in enumerate(branches):
         tokens, x_perm, counts = routed.tokens, routed.x_perm, routed.counts
-        # save what the backward needs only if there will be one: the forward is leaner without
-        save = torch.is_grad_enabled() and any(t.requires_grad for t in [x_perm, *(t for ws in w.values() for t in ws)])
-        ffn = functools.partial(expert_ffn, spec, w, save=save)
+        ffn = experts_of(spec, block, x_perm)
         side = shared if b == len(branches) - 1 else None
         # expert parallel: the rows travel to the ranks holding their experts and back
         # (runtime/expert_parallel.py), and the shared expert runs while they do
@@ -103,6 +100,20 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
     results = {"out": out.view(x.shape).to(x.dtype), "logits": first.logits, "weights": first.weights}
     picked = tuple(results[name] for name in spec.outputs)
     return picked[0] if len(picked) == 1 else picked
+
+
+def experts_of(spec: MoESpec, block: nn.Module, x_perm: torch.Tensor):
+    """ffn(rows, rows_per_expert) through the block's experts; it saves what a backward needs only if there
+    will be one (the forward is leaner without)."""
+    w = expert_weights(spec, block)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in [x_perm, *(t for ws in w.values() for t in ws)])
+    return functools.partial(expert_ffn, spec, w, save=save)
+
+
+def run_experts_early(spec: MoESpec, block: nn.Module, routed: Routed) -> None:
+    """A shortcut block's expert computation before the block itself runs (the schedule's "early" slot):
+    its results then travel back while the rest of the window computes."""
+    routed.flight.run_experts(experts_of(spec, block, routed.x_perm))
 
 
 def expert_weights(spec: MoESpec, block: nn.Module) -> dict[str, list[torch.Tensor]]:

@@ -10,7 +10,9 @@ Contract:   for every block with `spec.parallel` (set by expert_parallel), sets 
             (`runtime.expert_parallel.Tuner`, Tutel's adaptive pipelining degree). Either way a degree
             above 1 must be at least MIN_GAIN faster than 1, or 1 is kept. A shortcut-connected block sends
             its rows where its input appears, before the block (lowering.begin_routed): its exchange overlaps
-            the model's own computation, which this per-layer model does not see, so it is not re-tuned.
+            the model's own computation, which this per-layer model does not see, so it is not re-tuned;
+            instead its experts' slot (at the block, or early, when the block starts) is chosen from the
+            measured windows (`_choose_slot`, the paper's adaptive operator placement).
 Invariants: changes no result (every n and every dependency-respecting order compute the same function:
             runtime/expert_parallel.py); identical on every rank (the inputs are the recorded token count,
             the spec, and rates that measure_link makes the same on all ranks), as the collectives require.
@@ -64,6 +66,7 @@ class Schedule:
     predicted_s: dict[int, float]          # candidate n → predicted forward + backward seconds
     comm_s: float                          # all-to-all time of forward + backward, unhidden
     compute_s: float                       # expert computation of forward + backward
+    note: str = ""                         # a shortcut block's slot choice
 
     @property
     def predicted_total_s(self) -> float:
@@ -76,7 +79,8 @@ class Schedule:
     def summary(self) -> str:
         hidden = 1 - self.exposed_comm_s / self.comm_s if self.comm_s else 1.0
         return (f"pipelining degree {self.chunks}: predicted {self.predicted_total_s * 1e3:.2f} ms fwd+bwd "
-                f"(comm {self.comm_s * 1e3:.2f} ms, {hidden:.0%} hidden; compute {self.compute_s * 1e3:.2f} ms)")
+                f"(comm {self.comm_s * 1e3:.2f} ms, {hidden:.0%} hidden; compute {self.compute_s * 1e3:.2f} ms)"
+                + (f"; {self.note}" if self.note else ""))
 
 
 @register_pass("schedule_overlap")
@@ -85,6 +89,7 @@ def schedule_overlap(ctx: CompileContext) -> None:
     if not layers:
         return
     link = measure_link(layers[0].layer.spec.parallel.group)
+    windows = _shortcut_windows(ctx, layers)
     overlap = ctx.options.overlap
     candidates = CANDIDATES if overlap == "auto" else (overlap if isinstance(overlap, int) else 1,)
     for lifted in layers:
@@ -106,12 +111,51 @@ def schedule_overlap(ctx: CompileContext) -> None:
         send, fwd, bwd, side_fwd, side_bwd = costs[n]
         spec.parallel.schedule = Schedule(n, forward[n], backward[n], predicted, comm_s=4 * send * n,
                                           compute_s=(fwd + bwd) * n + side_fwd + side_bwd)
+        if lifted.layer.name in windows:
+            spec.parallel.schedule.note = _choose_slot(spec, windows[lifted.layer.name], send * n, side_fwd)
         if overlap == "auto" and spec.shortcut is None:  # measured trials among the plausible degrees, and 1
             trials = [c for c in sorted(candidates, key=lambda c: (predicted[c], c))
                       if predicted[c] <= TRIAL_SLACK * predicted[n]][:3]
             trials += [1] if 1 not in trials else []
             spec.parallel.tuner = Tuner({c: executor_order(forward[c]) for c in trials}, _choose)
         spec.parallel.stats.clear()  # measurements start with the model the user gets
+
+
+def _shortcut_windows(ctx: CompileContext, layers) -> dict[str, tuple[float, float]]:
+    """For each shortcut block with an early slot: the seconds from its tap to its block's start (the
+    preceding MLP) and from there to the block (the attention), measured in one forward on the compile-time
+    inputs (every rank runs it: the exchanges in it are collectives)."""
+    taps = {lifted.layer.name: lifted.layer.spec.shortcut for lifted in layers
+            if lifted.layer.spec.shortcut is not None and lifted.layer.spec.shortcut.early_module is not None}
+    if not taps:
+        return {}
+    for tap in taps.values():
+        tap.timing = {}
+    with torch.no_grad():
+        ctx.model(*ctx.args, **ctx.kwargs)
+    windows = {}
+    for name, tap in taps.items():
+        t, tap.timing = tap.timing, None
+        windows[name] = (t["early"] - t["tap"], t["block"] - t["early"])
+    return windows
+
+
+def _choose_slot(spec, window: tuple[float, float], transfer_s: float, shared_s: float) -> str:
+    """Where a shortcut block's experts run (ScMoE's adaptive operator placement, §3.2 of the paper, with two
+    of its slots): predicted exposed communication, forward, of
+        "block":  max(0, dispatch − (mlp + attention)) + max(0, combine − shared expert)
+        "early":  max(0, dispatch − mlp) + max(0, combine − (attention + shared expert))
+    agreed over the group (the slowest rank's figures); the smaller wins, "block" on a tie."""
+    mlp, attention = window
+    exposed = torch.tensor([max(0.0, transfer_s - (mlp + attention)) + max(0.0, transfer_s - shared_s),
+                            max(0.0, transfer_s - mlp) + max(0.0, transfer_s - (attention + shared_s))],
+                           dtype=torch.float64)
+    dist.all_reduce(exposed, op=dist.ReduceOp.MAX, group=spec.parallel.group)
+    block, early = exposed.tolist()
+    spec.shortcut.slot = "early" if early < block else "block"
+    return (f"shortcut experts at the {spec.shortcut.slot} slot (predicted exposed fwd comm: block "
+            f"{block * 1e3:.1f} ms, early {early * 1e3:.1f} ms; windows: MLP {mlp * 1e3:.1f} ms, attention "
+            f"{attention * 1e3:.1f} ms, shared expert {shared_s * 1e3:.1f} ms)")
 
 
 def _choose(times: dict[int, float]) -> int:

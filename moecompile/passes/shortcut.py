@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import functools
 import re
+import time
 import types
 
 import torch
@@ -39,7 +40,7 @@ from torch import nn
 
 from moecompile.frontend.experts import read_dense_ffn
 from moecompile.frontend.graph import Unsupported
-from moecompile.ir.lowering import begin_routed, expert_ffn, expert_weights, run_moe
+from moecompile.ir.lowering import begin_routed, expert_ffn, expert_weights, run_experts_early, run_moe
 from moecompile.ir.spec import ExpertWeights, MoESpec, RouteSpec, WeightRef
 from moecompile.passes.registry import CompileContext, Lifted, register_pass
 from moecompile.passes.select_kernels import kernels_for
@@ -52,12 +53,19 @@ class Tap:
     `output=True` on its output) stores the value and `begin`s the routed branch right there (route,
     dispatch and, under expert parallelism, sending the rows), so that work overlaps whatever runs before
     the MoE block; the block then `take`s it, once. `example` is the value on the compile-time inputs, for
-    passes that run the block alone (`prime()`); it is recorded while `recording` is set."""
+    passes that run the block alone (`prime()`); it is recorded while `recording` is set.
+
+    Under expert parallelism the experts run in one of two slots (the schedule_overlap pass picks): "block",
+    when the MoE block runs (the rows' trip overlaps everything in between, their return the shared
+    expert), or "early", when `early_module` (the block's first module) starts: the return then overlaps
+    the block's attention too. `timing`, when a dict, collects when the tap, the early point and the block
+    ran, for that choice."""
 
     def __init__(self, kind: str, module_name: str, begin, output: bool = False):
         self.kind, self.module_name, self.begin, self.output = kind, module_name, begin, output
         self.value = self.example = None
         self.recording = False
+        self.early_module, self.run_early, self.slot, self.timing = None, None, "block", None
 
     def attach(self, model: nn.Module) -> None:
         module = model.get_submodule(self.module_name)
@@ -65,23 +73,36 @@ class Tap:
             module.register_forward_hook(lambda _m, _args, out: self.store(out))
         else:
             module.register_forward_pre_hook(lambda _m, args: self.store(args[0]))
+        if self.early_module is not None:
+            model.get_submodule(self.early_module).register_forward_pre_hook(lambda _m, _args: self.early())
 
     def store(self, value: torch.Tensor) -> None:
+        self._mark("tap")
         if self.recording:
             self.example = value.detach()
         self.value = self.begin(value)
+
+    def early(self) -> None:
+        self._mark("early")
+        if self.slot == "early" and getattr(self.value, "flight", None) is not None:
+            self.run_early(self.value)
 
     def prime(self) -> None:
         self.value = self.example
 
     def take(self, like: torch.Tensor):
         """The begun routed branch (lowering.Routed), or the raw input when primed."""
+        self._mark("block")
         value, self.value = self.value, None
         tokens = getattr(value, "tokens", value)
         if tokens is None or tokens.numel() != like.numel():
             raise RuntimeError(f"moecompile: this shortcut block reads its routed input from {self.module_name}, "
                                f"which must run first in the same forward, with an input shaped like the block's")
         return value
+
+    def _mark(self, point: str) -> None:
+        if self.timing is not None:
+            self.timing.setdefault(point, time.perf_counter())
 
 
 class SharedExpert(nn.Module):
@@ -127,6 +148,9 @@ def shortcut(ctx: CompileContext) -> None:
                 continue
             position = f"the output of {tap_name}, its attention's input (Pos-1 shortcut: MoE in every block)"
         tap = Tap(kind, tap_name, functools.partial(begin_routed, spec, block), output=position.startswith("the output"))
+        if not tap.output:  # Pos-2: the experts may run early, when the MoE's own block starts
+            tap.early_module, tap.run_early = _first_module(layer.name, order), functools.partial(
+                run_experts_early, spec, block)
         tap.attach(ctx.model)
         _connect(spec, block, tap)
         layer.top_k = 1
@@ -193,18 +217,24 @@ def _block_children(ctx: CompileContext) -> tuple[dict[str, list[str]], dict[str
     return order, {name: x for name, x in inputs.items() if x is not None}
 
 
+def _first_module(name: str, order: dict[str, list[str]]) -> str | None:
+    """The first module the block holding `name` runs, unless that is `name` itself."""
+    block = re.fullmatch(r"((?:.*\.)?\d+)\..+", name)
+    children = order.get(block.group(1), []) if block else []
+    return children[0] if children and not name.startswith(children[0]) else None
+
+
 def _first_norm(model: nn.Module, name: str, order: dict[str, list[str]]) -> tuple[str | None, str | None]:
     """(the first module the MoE's own block runs, when it is a normalization: only 1-D parameters, its
     output feeding the attention, None) or (None, why not)."""
-    block = re.fullmatch(r"((?:.*\.)?\d+)\..+", name)
-    children = order.get(block.group(1), []) if block else []
-    if not children or name.startswith(children[0]):
+    first_name = _first_module(name, order)
+    if first_name is None:
         return None, "no module runs before the MoE in its block"
-    first = model.get_submodule(children[0])
+    first = model.get_submodule(first_name)
     params = list(first.parameters())
     if not params or any(p.dim() != 1 for p in params):
-        return None, f"the block's first module {children[0]} is not a normalization"
-    return children[0], None
+        return None, f"the block's first module {first_name} is not a normalization"
+    return first_name, None
 
 
 def _connect(spec: MoESpec, block: nn.Module, tap: Tap) -> None:
@@ -231,7 +261,7 @@ def _upcycle(ctx: CompileContext, kind: str) -> list[str]:
     if ctx.lifted:
         raise ValueError("moecompile: num_experts= upcycles a dense model; this one already has MoE blocks")
     ctx.report.notes = [n for n in ctx.report.notes if not n.startswith("no MoE blocks found")]
-    inputs = _block_children(ctx)[1]
+    order, inputs = _block_children(ctx)
     ffns = {}
     for name, x in inputs.items():
         try:
@@ -244,7 +274,8 @@ def _upcycle(ctx: CompileContext, kind: str) -> list[str]:
         prev = f"{container}.{int(index) - 1}.{path}" if container else f"{int(index) - 1}.{path}"
         if int(index) % 2 == 0 or prev not in ffns:
             continue
-        _install_upcycled(ctx, name, prev, x, ffns[prev][0], weights, ffns[prev][2], expert)
+        _install_upcycled(ctx, name, prev, x, ffns[prev][0], weights, ffns[prev][2], expert,
+                          _first_module(name, order))
         changed.append(name)
     if not changed:
         ctx.report.notes.append("upcycling found no pair of blocks with feed-forward modules at the same path")
@@ -278,7 +309,7 @@ class Upcycled(nn.Module):
                 self.roles.append(role)
 
 
-def _install_upcycled(ctx, name, prev, x, x_prev, weights, prev_weights, expert) -> None:
+def _install_upcycled(ctx, name, prev, x, x_prev, weights, prev_weights, expert, early_module) -> None:
     """Replace the FFN at `name` (input x) by an Upcycled ScMoE block tapping the FFN at `prev` (input
     x_prev), in the optimized copy; list it as a lifted block for the passes that follow."""
     E, D = ctx.options.num_experts, x.shape[-1]
@@ -292,6 +323,7 @@ def _install_upcycled(ctx, name, prev, x, x_prev, weights, prev_weights, expert)
         shared="shared", shared_gate=WeightRef("gate"),
         kernels=kernels_for(ctx.options.kernels, x.device.type, name))
     tap = Tap("scmoe", prev, functools.partial(begin_routed, spec, block))
+    tap.early_module, tap.run_early = early_module, functools.partial(run_experts_early, spec, block)
     tap.attach(ctx.model)
     spec.shortcut = tap
     block.forward = types.MethodType(lambda self, h, *rest, **kw: run_moe(spec, self, h), block)

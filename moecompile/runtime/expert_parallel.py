@@ -208,6 +208,7 @@ class Flight:
         owners = [r for r, k in enumerate(sizes) for _ in range(k)]           # expert → rank
         self.plans = [_ChunkPlan(send, recv, owners, ep, c, n, x_perm.device) for c in range(n)]
         self.x_perm, self.inbound, self.back, self.results = x_perm, {}, {}, [None] * n
+        self.experts_done = False
 
     def step(self, step: str, c: int, ffn: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
         p = self.plans[c]
@@ -228,10 +229,16 @@ class Flight:
         for c in range(len(self.plans)):
             self.step("send", c)
 
-    def finish(self, ffn, side=None) -> tuple[Tensor, object]:
-        """After send_all: every chunk's experts, then `side` while the last results travel back."""
+    def run_experts(self, ffn) -> None:
+        """After send_all: every chunk's experts (each waits for its rows) and its results' exchange back."""
         for c in range(len(self.plans)):
             self.step("experts", c, ffn)
+        self.experts_done = True
+
+    def finish(self, ffn, side=None) -> tuple[Tensor, object]:
+        """The experts unless run_experts ran already, then `side` while the results travel back."""
+        if not self.experts_done:
+            self.run_experts(ffn)
         side_out = side() if side is not None else None
         for c in range(len(self.plans)):
             self.step("collect", c)
