@@ -52,6 +52,7 @@ QUICK = dict(config=dict(CONFIG, d_model=128, d_ff=512, max_seq=128), batch=4, s
 SETTINGS = (("PCIe-like", 0.60), ("NVLink-like", 0.15))
 VARIANTS = ("off", "auto", "2", "4", "scmoe", "dgmoe")  # the last two: optimize(shortcut=...) conversions
 NS, SUBNET, PORT = "mcep", "10.77.0", 29613
+CALIBRATION_PROBES = 3
 
 
 # ---- the network: two namespaces joined by a rate-limited veth pair -------------------------------------------
@@ -183,7 +184,8 @@ def worker(args):
                               per("region") + per("backward_region")], dtype=torch.float64)
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
         step_s, exposed_s, region_s = local.tolist()
-        result[v] = {"step_ms": step_s * 1e3, "tuning": [ep.tuner.summary() for ep in eps if ep.tuner], "exposed_ms": exposed_s * 1e3, "region_ms": region_s * 1e3,
+        result[v] = {"step_ms": step_s * 1e3, "tuning": [ep.tuner.summary() for ep in eps if ep.tuner],
+                     "shortcut_slots": [ep.schedule.note for ep in eps if ep.schedule.note], "exposed_ms": exposed_s * 1e3, "region_ms": region_s * 1e3,
                      "chunks": [ep.chunks for ep in eps],
                      "predicted_region_ms": sum(ep.schedule.predicted_total_s for ep in eps) * 1e3,
                      "predicted_comm_ms": sum(ep.schedule.comm_s for ep in eps) * 1e3,
@@ -204,14 +206,18 @@ def _a2a_bytes(cfg, tokens) -> float:
 def calibrate(fraction: float, base: dict, quick: bool) -> float:
     """Set and return the link rate (bytes/s) at which the link adds `fraction` of the no-overlap EP region
     time: (R - R0) / R = fraction, R0 the unlimited run's. A first guess from the bytes sent per step, then one
-    correction from a probe run (TCP and gloo overheads make the effective rate lower than the set one)."""
+    correction per probe run, up to CALIBRATION_PROBES, until within 10% (TCP and gloo overheads make the
+    effective rate lower than the set one)."""
     off = base["off"]
     want_s = fraction / (1 - fraction) * off["region_ms"] / 1e3
     step_bytes = 4 * off["a2a_bytes"] * len(off["chunks"])  # four all-to-alls per MoE layer and step
     rate = step_bytes / want_s
-    net_rate(rate)
-    added_s = (launch(["off"], 3, quick, True)["off"]["region_ms"] - off["region_ms"]) / 1e3
-    rate *= max(added_s, 0.1 * want_s) / want_s
+    for _ in range(CALIBRATION_PROBES):  # correct the rate from probe runs (the link time scales as 1/rate)
+        net_rate(rate)
+        added_s = (launch(["off"], 3, quick, True)["off"]["region_ms"] - off["region_ms"]) / 1e3
+        if abs(added_s - want_s) < 0.1 * want_s:
+            break
+        rate *= max(added_s, 0.1 * want_s) / want_s
     net_rate(rate)
     return rate
 
@@ -232,6 +238,7 @@ def main():
     why_not = netns_available()
     rows, settings = [], []
     if why_not is None:
+        net_down()  # namespaces left by an interrupted run
         net_up()
     try:
         with progress() as bar:
@@ -258,7 +265,8 @@ def main():
             staged = v in ("scmoe", "dgmoe")
             predicted_step = None if staged else r["step_ms"] - r["region_ms"] + r["predicted_region_ms"]
             entry = {"link": link, "target_comm_fraction": target, "comm_fraction": added, "variant": v,
-                     "chunks": r["chunks"], "tuning": r["tuning"], "step_ms": r["step_ms"],
+                     "chunks": r["chunks"], "tuning": r["tuning"], "shortcut_slots": r["shortcut_slots"],
+                     "step_ms": r["step_ms"],
                      "speedup_vs_off": off["step_ms"] / r["step_ms"], "overlap_ratio": overlap,
                      "exposed_comm_ms": r["exposed_ms"], "region_ms": None if staged else r["region_ms"],
                      "predicted_region_ms": None if staged else r["predicted_region_ms"],

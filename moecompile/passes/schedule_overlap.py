@@ -46,6 +46,7 @@ from moecompile.runtime.expert_parallel import Tuner
 CANDIDATES = (1, 2, 4, 8)
 TRIAL_SLACK = 1.25  # "auto" tries the degrees predicted within 25% of the best (at most 3, and 1)
 MIN_GAIN = 0.03     # chunking is chosen only if it is predicted (or measured) at least 3% faster than none
+SHORTCUT_DEGREES = (1, 2, 4)  # a shortcut block's chunkings considered with overlap="auto"
 
 
 @dataclass
@@ -105,14 +106,17 @@ def schedule_overlap(ctx: CompileContext) -> None:
         forward = {n: list_schedule(chunk_dag(n, c[0], c[1], c[3])) for n, c in costs.items()}
         backward = {n: list_schedule(chunk_dag(n, c[0], c[2], c[4])) for n, c in costs.items()}
         predicted = {n: _makespan(forward[n]) + _makespan(backward[n]) for n in candidates}
-        n = _choose(predicted)
+        n, note = _choose(predicted), ""
+        if lifted.layer.name in windows:  # a shortcut block: its slot and degree from its measured windows
+            side_fwd = costs[n][3]
+            note = _choose_slot(spec, windows[lifted.layer.name], send_s, side_fwd,
+                                SHORTCUT_DEGREES if overlap == "auto" else (n,))
+            n = spec.parallel.chunks
         spec.parallel.chunks = n
         spec.parallel.order = executor_order(forward[n])
         send, fwd, bwd, side_fwd, side_bwd = costs[n]
         spec.parallel.schedule = Schedule(n, forward[n], backward[n], predicted, comm_s=4 * send * n,
-                                          compute_s=(fwd + bwd) * n + side_fwd + side_bwd)
-        if lifted.layer.name in windows:
-            spec.parallel.schedule.note = _choose_slot(spec, windows[lifted.layer.name], send * n, side_fwd)
+                                          compute_s=(fwd + bwd) * n + side_fwd + side_bwd, note=note)
         if overlap == "auto" and spec.shortcut is None:  # measured trials among the plausible degrees, and 1
             trials = [c for c in sorted(candidates, key=lambda c: (predicted[c], c))
                       if predicted[c] <= TRIAL_SLACK * predicted[n]][:3]
@@ -140,22 +144,32 @@ def _shortcut_windows(ctx: CompileContext, layers) -> dict[str, tuple[float, flo
     return windows
 
 
-def _choose_slot(spec, window: tuple[float, float], transfer_s: float, shared_s: float) -> str:
-    """Where a shortcut block's experts run (ScMoE's adaptive operator placement, §3.2 of the paper, with two
-    of its slots): predicted exposed communication, forward, of
-        "block":  max(0, dispatch − (mlp + attention)) + max(0, combine − shared expert)
-        "early":  max(0, dispatch − mlp) + max(0, combine − (attention + shared expert))
-    agreed over the group (the slowest rank's figures); the smaller wins, "block" on a tie."""
+def _choose_slot(spec, window: tuple[float, float], send_s, shared_s: float, degrees) -> str:
+    """Where a shortcut block's experts run, and in how many chunks (ScMoE's adaptive operator placement,
+    §3.2 of the paper, with two of its slots, plus chunking when the communication exceeds its window).
+    Predicted exposed forward communication at degree n, all chunks sent at the tap (n·send_s(n)) and
+    only the last chunk's return left to hide:
+        "block":  max(0, n·send − (mlp + attention)) + max(0, send − shared expert)
+        "early":  max(0, n·send − mlp) + max(0, send − (attention + shared expert))
+    agreed over the group (the slowest rank's figures); the least wins, preferring "block" and fewer
+    chunks unless the gain is at least MIN_GAIN of the transfer time."""
     mlp, attention = window
-    exposed = torch.tensor([max(0.0, transfer_s - (mlp + attention)) + max(0.0, transfer_s - shared_s),
-                            max(0.0, transfer_s - mlp) + max(0.0, transfer_s - (attention + shared_s))],
-                           dtype=torch.float64)
+    options = [(slot, n) for n in degrees for slot in ("block", "early")]
+    exposed = torch.tensor([max(0.0, n * send_s(n) - (mlp + (attention if slot == "block" else 0.0)))
+                            + max(0.0, send_s(n) - shared_s - (attention if slot == "early" else 0.0))
+                            for slot, n in options], dtype=torch.float64)
     dist.all_reduce(exposed, op=dist.ReduceOp.MAX, group=spec.parallel.group)
-    block, early = exposed.tolist()
-    spec.shortcut.slot = "early" if early < block else "block"
-    return (f"shortcut experts at the {spec.shortcut.slot} slot (predicted exposed fwd comm: block "
-            f"{block * 1e3:.1f} ms, early {early * 1e3:.1f} ms; windows: MLP {mlp * 1e3:.1f} ms, attention "
-            f"{attention * 1e3:.1f} ms, shared expert {shared_s * 1e3:.1f} ms)")
+    cost = dict(zip(options, exposed.tolist()))
+    margin = MIN_GAIN * 2 * send_s(1)
+    best = options[0]
+    for option in options[1:]:
+        if cost[option] < cost[best] - margin:
+            best = option
+    spec.shortcut.slot, spec.parallel.chunks = best
+    table = ", ".join(f"{slot}/{n}: {cost[(slot, n)] * 1e3:.1f}" for slot, n in options)
+    return (f"shortcut experts at the {best[0]} slot in {best[1]} chunk(s) (predicted exposed fwd comm, ms: "
+            f"{table}; windows: MLP {mlp * 1e3:.1f} ms, attention {attention * 1e3:.1f} ms, shared expert "
+            f"{shared_s * 1e3:.1f} ms)")
 
 
 def _choose(times: dict[int, float]) -> int:
