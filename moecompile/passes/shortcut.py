@@ -1,29 +1,37 @@
-"""shortcut: make each top-k MoE block shortcut-connected (ScMoE or DGMoE; Cai et al., ICML 2025). This
-changes the architecture: the result is a different model, which explain() says, with the parameter counts.
+"""shortcut: make each top-k MoE block shortcut-connected (ScMoE or DGMoE; Cai et al., ICML 2025), or upcycle a
+dense model into ScMoE. This changes the architecture: the result is a different model, which explain()
+says, with the parameter counts.
 
-Contract:   with options.shortcut == "scmoe", every rewritten MoE block at `<container>.<i>.<path>` whose
-            preceding sibling `<container>.<i-1>.<path>` is a dense module (no routing in it: MoE every other
-            block, as in GPT-MoE and the paper) computes
+Contract:   with options.shortcut == "scmoe", every rewritten MoE block at `<container>.<i>.<path>` computes
                 out = combine(top-1 routed experts of tap) + sigmoid(x · w_cg) · SE(x)
-            tap = the input of that preceding module (the Pos-2 shortcut: the preceding block's post-attention
-            residual after its own pre-MLP norm), x = the block's own input. Router and experts are kept;
-            routing becomes top-1, weighted by the chosen expert's softmax probability (so the router
-            trains). SE is the block's own shared expert when it has one, else a new dense expert of the
-            experts' shape initialized to their mean; w_cg [1, D] is a new gate (CG-1), zero-initialized
-            (coefficient 0.5) unless the shared expert already has a gate.
+            x = the block's own input; tap = the input of the preceding sibling `<container>.<i-1>.<path>`
+            when that is dense (Pos-2: the preceding block's post-attention residual after its own pre-MLP
+            norm; MoE every other block, as in GPT-MoE and the paper), else, MoE in every block, the output
+            of the first module the block runs when it is a normalization (Pos-1: its attention's input).
+            Router and experts are kept; routing becomes top-1, weighted by the chosen expert's softmax
+            probability (so the router trains). SE is the block's own shared expert when it has one, else a
+            new dense expert of the experts' shape initialized to their mean; w_cg [1, D] is a new gate
+            (CG-1), zero-initialized (coefficient 0.5) unless the shared expert already has a gate.
             With "dgmoe" there is no new shared expert: the same router and experts run top-1 twice,
                 out = combine(top-1 of tap) + combine(top-1 of x, its second choice where it equals the tap's)
-            (the paper's DoubleGating MoE; a shared expert the block already had is kept).
+            (the paper's DoubleGating MoE, one gate used twice as in its Eq. 23; a shared expert is kept).
+            With num_experts (a dense model): every second block's feed-forward module (read from its graph)
+            becomes a ScMoE block with Pos-2 (`Upcycled`, `_upcycle`).
 Invariants: runs after validate, so the top-k rewrite it starts from was checked against the original;
             new parameters live in the optimized copy only (`<block>.shortcut_shared.*`,
-            `<block>.shortcut_gate`), so the optimizer must be built from it; a block that does not fit
-            stays the validated top-k block and explain() gives the reason.
+            `<block>.shortcut_gate`, the upcycled blocks), so the optimizer must be built from it; a block that
+            does not fit stays the validated top-k block and explain() gives the reason. The routed branch
+            starts at the tap (Tap.store → lowering.begin_routed), so under expert parallelism its exchange
+            overlaps everything between the tap and the block.
 Pseudo-code:
+    order = call order of every numbered block's children (one forward)
     for lifted block B at c.i.p:
-        prev = c.(i-1).p; skip with a reason unless it exists and routes nothing
-        slot = hook(prev: store its input)          # filled each forward, before B runs
-        spec.route.top_k = 1, renormalize = False; spec.shortcut = slot
+        tap = input of c.(i-1).p if it exists and routes nothing            # Pos-2
+              else output of B's block's first module if it is a norm       # Pos-1
+              else skip with a reason
+        hook(tap: store it, begin route/dispatch/send); spec.route: top-1, no renormalization
         spec.shared = B's shared expert or new SharedExpert(mean of experts); spec.shared_gate = w_cg
+    one forward records each tap's example value (for passes that run a block alone)
     report: blocks changed, parameters before → after
 """
 from __future__ import annotations
