@@ -183,13 +183,12 @@ def shortcut(ctx: CompileContext) -> None:
 
 def _preceding(model: nn.Module, name: str, routed: set[str]) -> tuple[str | None, str | None]:
     """(the preceding sibling's module name, None) or (None, why there is none)."""
-    m = re.fullmatch(r"(.*?)\.?(\d+)\.(.+)", name)
+    m = re.fullmatch(r"(.*?)\.?(\d+)\.(.+)", name)  # the first number: the block (Switch nests `layer.1`)
     if m is None:
         return None, f"{name} is not inside a numbered sequence of blocks"
-    container, index, path = m.group(1), int(m.group(2)), m.group(3)
-    if index == 0:
+    prev, path = _same_path_before(m), m.group(3)
+    if prev is None:
         return None, "it is in the first block: there is no preceding block to tap"
-    prev = f"{container}.{index - 1}.{path}" if container else f"{index - 1}.{path}"
     try:
         model.get_submodule(prev)
     except AttributeError:
@@ -197,6 +196,14 @@ def _preceding(model: nn.Module, name: str, routed: set[str]) -> tuple[str | Non
     if prev in routed:
         return None, f"the preceding block's {path} is an MoE too"
     return prev, None
+
+
+def _same_path_before(m: re.Match) -> str | None:
+    """`<container>.<i-1>.<path>` from a match of `<container>.<i>.<path>` (groups 1-3); None when i is 0."""
+    container, index, path = m.group(1), int(m.group(2)), m.group(3)
+    if index == 0:
+        return None
+    return f"{container}.{index - 1}.{path}" if container else f"{index - 1}.{path}"
 
 
 def _block_children(ctx: CompileContext) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
@@ -278,9 +285,9 @@ def _upcycle(ctx: CompileContext, kind: str) -> list[str]:
             continue
     changed = []
     for name, (x, expert, weights) in ffns.items():
-        container, index, path = re.fullmatch(r"(.*?)\.?(\d+)\.([^.]+)", name).groups()
-        prev = f"{container}.{int(index) - 1}.{path}" if container else f"{int(index) - 1}.{path}"
-        if int(index) % 2 == 0 or prev not in ffns:
+        m = re.fullmatch(r"(.*?)\.?(\d+)\.([^.]+)", name)  # a direct child of a numbered block
+        prev = _same_path_before(m)
+        if int(m.group(2)) % 2 == 0 or prev not in ffns:
             continue
         _install_upcycled(ctx, name, prev, x, ffns[prev][0], weights, ffns[prev][2], expert,
                           _first_module(name, order))

@@ -92,8 +92,3 @@ def wait(token: Tensor, ex: Exchange) -> Tensor:
     if token.requires_grad:
         return _Wait.apply(token, ex)
     return ex.finish("forward")
-
-
-def exchange(x: Tensor, ex: Exchange) -> Tensor:
-    """start and wait back to back: a blocking all-to-all (differentiable)."""
-    return wait(start(x, ex), ex)

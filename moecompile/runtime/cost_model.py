@@ -32,10 +32,15 @@ class LinkRates:
         return self.latency_s + nbytes / self.bandwidth_Bps
 
 
+_KNOWN: dict[tuple[str, str], float] = {}  # what this process already read or measured: no file read per key
+
+
 def _cached(key: str, measure, refresh: bool = False):
     """cache[machine and threads][key], measured by `measure()` when absent. The file is replaced atomically,
     so ranks measuring at once never read half a file (the last writer wins, with equivalent values)."""
     machine = f"{platform.node()}-torch{torch.__version__}-threads{torch.get_num_threads()}"
+    if (machine, key) in _KNOWN and not refresh:
+        return _KNOWN[machine, key]
     path = Path(os.environ.get("MOECOMPILE_CACHE", Path.home() / ".cache" / "moecompile")) / "machine_rates.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
     entry = cache.setdefault(machine, {})
@@ -45,6 +50,7 @@ def _cached(key: str, measure, refresh: bool = False):
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache, indent=1))
         tmp.replace(path)
+    _KNOWN[machine, key] = entry[key]
     return entry[key]
 
 

@@ -15,7 +15,7 @@ Chunking every expert's rows (rather than the tokens) leaves route, dispatch and
 degree n computes the same function, with or without a capacity. A rank with no tokens, or an expert that
 receives none, is ordinary: empty splits. Capacity is applied by the local dispatch, so under expert
 parallelism each rank's batch is one capacity group (as in GShard and Tutel); a single process reproduces it
-with `group_size` = the tokens per rank. With a capacity the exchange is a fixed [E, C, D] buffer (`run`'s
+with `group_size` = the tokens per rank. With a capacity the exchange is a fixed [E, C, D] buffer (`start`'s
 capacity_rows): the counts exchange and its host synchronization disappear, every rank must then pass the
 same number of tokens (as GShard requires), and the padding rows are computed and dropped.
 """
