@@ -63,6 +63,8 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
         weights = scores.gather(-1, indices) * r.scale
     x_perm, order, counts = ops.call(ops.dispatch, tokens, indices, r.num_experts, cap.capacity if cap else -1,
                                      cap.group_size if cap else 0, kern["dispatch"])
+    if spec.expert_load is not None and torch.is_grad_enabled():
+        spec.expert_load += counts
     routed = Routed(tokens, logits, weights, indices, order, x_perm, counts)
     if spec.parallel is not None and spec.shortcut is not None:
         routed.flight = spec.parallel.start(x_perm, counts, capacity_rows(cap, tokens.shape[0]) if cap else None)

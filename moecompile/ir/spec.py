@@ -118,6 +118,8 @@ class MoESpec:
     kernels: dict[str, str] = field(default_factory=lambda: dict.fromkeys(OPS, "native"))  # op → backend
     parallel: object | None = None     # runtime.expert_parallel.ExpertParallel, set by the expert_parallel pass
     shortcut: object | None = None     # passes.shortcut.Tap: the routed branch's input (ScMoE), else x itself
+    expert_load: torch.Tensor | None = None  # [E] token-expert assignments counted in training forwards, when set
+                                              # (runtime/checkpoint.py: PEC's load-aware selection and lost tokens)
     notes: list[str] = field(default_factory=list)
 
     @property
