@@ -35,8 +35,10 @@ class Entry:
     """One tensor of the training state: `get()` returns the live tensor (a view for an expert slice)."""
     key: str
     get: object                  # () -> Tensor
+    nbytes: int
     layer: str | None = None     # MoE layer name for an expert entry, else None
     expert: int | None = None    # global expert index for an expert entry
+    buffer: bool = False         # a module buffer (may change in a forward, unlike parameters)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class StateMap:
     local: dict[str, range] = field(default_factory=dict)                  # MoE layer → experts held here
     _expert_params: dict[str, tuple[str, int | None]] = field(default_factory=dict)  # fqn → (layer, stacked offset)
     _owner: dict[str, int] = field(default_factory=dict)   # per-expert parameter fqn → its global expert index
+    _cache: tuple | None = None                            # (optimizer state size, entries)
 
     @staticmethod
     def of(model: nn.Module, optimizer) -> "StateMap":
@@ -78,28 +81,38 @@ class StateMap:
         return state
 
     def entries(self) -> list[Entry]:
-        """Every tensor of the state, keyed; optimizer entries only for state that exists (Adam's is lazy)."""
-        params = dict(self.model.named_parameters())
+        """Every tensor of the state, keyed; optimizer entries only for state that exists (Adam's is lazy).
+        Built again only when the optimizer's state grows; the entries fetch the optimizer's tensors when
+        read, so they stay right if it replaces them (load_state_dict)."""
         opt_state = self.optimizer.state if self.optimizer is not None else {}
+        signature = sum(len(s) for s in opt_state.values())
+        if self._cache is not None and self._cache[0] == signature:
+            return self._cache[1]
+        params = dict(self.model.named_parameters())
         out = []
         for fqn, t in self.model.state_dict(keep_vars=True).items():
-            out += self._split(f"model/{fqn}", fqn, t, params.get(fqn))
             p = params.get(fqn)
+            split = self._split(f"model/{fqn}", fqn, t, _const(t), p)
+            for e in split:
+                e.buffer = p is None
+            out += split
             for name, s in opt_state.get(p, {}).items() if p is not None else ():
                 if torch.is_tensor(s):
-                    out += self._split(f"optim/{fqn}/{name}", fqn, s, p)
+                    out += self._split(f"optim/{fqn}/{name}", fqn, s, _live(opt_state, p, name), p)
+        self._cache = (signature, out)
         return out
 
-    def _split(self, key: str, fqn: str, t: torch.Tensor, param) -> list[Entry]:
+    def _split(self, key: str, fqn: str, t: torch.Tensor, fetch, param) -> list[Entry]:
         if fqn not in self._expert_params:
-            return [Entry(key, _const(t))]
+            return [Entry(key, fetch, t.nbytes)]
         layer, offset = self._expert_params[fqn]
         if offset is None:
-            return [Entry(key, _const(t), layer, self._owner[fqn])]
+            return [Entry(key, fetch, t.nbytes, layer, self._owner[fqn])]
         if param is None or t.shape != param.shape:  # scalar state of a stacked parameter: shared by its experts
-            return [Entry(key, _const(t))]
+            return [Entry(key, fetch, t.nbytes)]
         head, _, tail = key.partition(fqn)
-        return [Entry(f"{head}{fqn}[{offset + i}]{tail}", _slice(t, i), layer, offset + i) for i in range(t.shape[0])]
+        return [Entry(f"{head}{fqn}[{offset + i}]{tail}", _slice(fetch, i), t[i].nbytes, layer, offset + i)
+                for i in range(t.shape[0])]
 
     def fingerprint(self) -> dict:
         """What identifies the model a checkpoint belongs to, the same on every rank and world size: each
@@ -123,8 +136,12 @@ def _const(t):
     return lambda: t
 
 
-def _slice(t, i):
-    return lambda: t[i]
+def _live(opt_state, param, name):
+    return lambda: opt_state[param][name]
+
+
+def _slice(fetch, i):
+    return lambda: fetch()[i]
 
 
 def fingerprint_difference(saved: dict, current: dict) -> str | None:
