@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch._dynamo
 from torch import nn
 
 from moecompile.kernels import BACKENDS
@@ -76,10 +77,18 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
 
 
 def explain(model: nn.Module) -> Report:
-    """What moecompile found and did in `model` (an `optimize()` result)."""
+    """What moecompile found and did in `model`: an `optimize()` result, or a `torch.compile(...,
+    backend="moecompile")` one (every graph compiled so far)."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        inner = getattr(model._orig_mod, _STATE, False)
+        if inner is not False:
+            return explain(model._orig_mod)
+        from moecompile.backend import reports_for
+        return reports_for(model._orig_mod)
     ctx = getattr(model, _STATE, False)
     if ctx is False:
-        raise ValueError("explain() takes a model returned by moecompile.optimize()")
+        raise ValueError("explain() takes a model returned by moecompile.optimize() or by torch.compile(model, "
+                         "backend='moecompile')")
     if ctx is None:
         return Report(notes=["not compiled yet: moecompile compiles at the first call "
                              "(or pass example_inputs= to optimize())"])

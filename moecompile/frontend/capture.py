@@ -75,6 +75,15 @@ def _set_kwargs(stack, names, mod, kw):
         stack[-1] = (stack[-1][0], stack[-1][1], dict(kw))
 
 
+def _same_as(func):
+    """The aten op a library's op stands for, recorded in its place so the analysis knows one spelling:
+    transformers' `grouped_mm_fallback` (what its MoE code calls under torch.compile) is `aten._grouped_mm`
+    with the same arguments (x sorted by expert, [E, in, out] weights, int32 cumulative counts)."""
+    if func.namespace == "transformers" and func.name().split("::")[-1].split(".")[0] == "grouped_mm_fallback":
+        return aten._grouped_mm.default
+    return func
+
+
 class _Recorder(TorchDispatchMode):
     """Runs ops for real and appends each to `graph`; tensors are tracked by identity."""
 
@@ -97,7 +106,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         n_args, n_kwargs = tree_map(self._node_of, (args, kwargs))
-        node = self.graph.call_function(func, tuple(n_args), n_kwargs)
+        node = self.graph.call_function(_same_as(func), tuple(n_args), n_kwargs)
         node.meta["val"] = out
         if isinstance(out, torch.Tensor):
             self.known[id(out)] = (out, node)  # an in-place op returns `self`: later uses see this version

@@ -1,0 +1,183 @@
+"""`torch.compile(model, backend="moecompile", options={...})`: moecompile's passes on Dynamo's graphs, then
+AOTAutograd and Inductor.
+
+Registered as a `torch_dynamo_backends` entry point (pyproject.toml), so no import is needed. Dynamo calls
+the backend once per graph it captured:
+
+    for each selection (top-k, max, argmax) in the graph, modules around it innermost first (≤ 3 levels):
+        block = frontend.dynamo.extract(graph, module)      # its nodes as a module of its own
+        fast = optimize(block, its real inputs, **options)  # the usual pipeline: find, lift, kernels, validate
+        if fast lifted it: the block's nodes → one call of fast (parameters passed in, gradients flow to them)
+        else: reported, with the reason (a graph break inside a block shows up here)
+    AOTAutograd → forward and backward graphs → Inductor (compile_fx), or run as they are (compiler="eager")
+
+The canonical ops are custom ops with fake implementations and autograd formulas, so AOTAutograd traces
+them into the forward and backward graphs as opaque calls; Inductor generates code for everything around
+them (C++ on CPU, Triton on CUDA) and calls moecompile's kernels for them. The ops each of those graphs
+holds are recorded for explain(). moecompile's rewrites all run on Dynamo's graph, before AOTAutograd, so
+none runs inside Inductor: a pass that does must be an Inductor `CustomGraphPass` with a `uuid()`, which
+Inductor's cache key includes. Options: those of optimize() that keep the model's parameters (`kernels`,
+`validate`, `tolerance`) and `compiler`: "inductor" (default) or "eager" (AOTAutograd without code
+generation: for debugging and fast tests). `shortcut` and `mesh` create parameters, which a backend cannot
+hand back to the user's optimizer: run `optimize(model, example_inputs, mesh=..., shortcut=...)` first.
+
+Importing this module turns on Dynamo's `capture_scalar_outputs` and `capture_dynamic_output_shape_ops`: an
+MoE block's data-dependent sizes (token counts per expert, `nonzero`) then stay inside one graph instead of
+breaking it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+from collections import Counter
+
+import torch
+import torch._dynamo
+from torch import fx
+
+from moecompile.frontend import dynamo
+from moecompile.report import MoELayer, Report
+
+log = logging.getLogger("moecompile.backend")
+torch._dynamo.config.capture_scalar_outputs = True
+torch._dynamo.config.capture_dynamic_output_shape_ops = True
+
+PASSED_ON = ("kernels", "validate", "tolerance")  # optimize() options the backend accepts
+REFUSED = ("shortcut", "mesh", "placement", "overlap", "num_experts", "upcycle_noise")
+COMPILERS = ("inductor", "eager")
+MAX_LEVELS = 3
+# reports of compiled graphs by the model parameters they read, id(p) → (weakref to p, reports):
+# explain(torch.compile(m, ...)) finds them (tensors compare by value, so no WeakKeyDictionary)
+_REPORTS: dict[int, tuple[weakref.ref, list[Report]]] = {}
+
+
+def moecompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    options = dict(options or {})
+    compiler = options.pop("compiler", "inductor")
+    refused = sorted(set(options) & set(REFUSED))
+    if refused:
+        raise ValueError(f"backend='moecompile': {', '.join(refused)} change the model's parameters, which a "
+                         "torch.compile backend cannot hand to your optimizer; use moecompile.optimize(model, "
+                         f"example_inputs, {refused[0]}=...) and torch.compile its result")
+    unknown = sorted(set(options) - set(PASSED_ON))
+    if unknown or compiler not in COMPILERS:
+        raise ValueError(f"backend='moecompile': unknown option(s) {unknown or [compiler]}; options are "
+                         f"{', '.join(PASSED_ON)} and compiler ({' or '.join(COMPILERS)})")
+    report = lift_blocks(gm, example_inputs, options)
+    for value in example_inputs:
+        if isinstance(value, torch.nn.Parameter):
+            ref, reports = _REPORTS.get(id(value), (None, []))
+            if ref is None or ref() is not value:
+                _REPORTS[id(value)] = ref, reports = weakref.ref(value), []
+            reports.append(report)
+    if compiler == "eager":
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def run_as_is(which):
+            def compile_graph(graph, _):
+                _record_ops(report, graph.graph, which)
+                return make_boxed_func(graph.forward)
+            return compile_graph
+        return aot_autograd(fw_compiler=run_as_is("forward"), bw_compiler=run_as_is("backward"))(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    def recorded(graph, inputs, **kwargs):  # before Inductor's cache lookup: recorded on a cache hit too
+        _record_ops(report, graph.graph, "backward" if kwargs.get("is_backward") else "forward")
+        return compile_fx_inner(graph, inputs, **kwargs)
+    return compile_fx(gm, example_inputs, inner_compile=recorded)
+
+
+def lift_blocks(gm: fx.GraphModule, example_inputs, options: dict) -> Report:
+    """Replace every MoE block of `gm` that moecompile can lift with a call of its optimized version."""
+    from moecompile.api import explain, optimize
+    report = Report(passes=["dynamo: lift_blocks"])
+    found = dynamo.selections(gm)
+    if not found:
+        return report
+    if any(isinstance(v, torch._subclasses.FakeTensor) for v in example_inputs):
+        report.notes.append("Dynamo passed fake example inputs: MoE blocks were not lifted in this graph")
+        log.warning("moecompile backend: %s", report.notes[-1])
+        return report
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = _values(gm, example_inputs)
+    values.update(zip(placeholders, example_inputs))
+    lifted: list[str] = []
+    for selection in found:
+        paths = dynamo.stack(selection)
+        if any(p in lifted for p in paths):
+            continue  # a second selection in a block already lifted (grouped top-k)
+        failed: MoELayer | None = None  # the innermost block read as an MoE that could not be lifted
+        for path in list(reversed(paths))[:MAX_LEVELS]:
+            try:
+                block = dynamo.extract(gm, path, values)
+                if block is None:
+                    continue  # interleaved with the code around it
+                fast = optimize(block.module, tuple(values[a] for a in block.activations), **options)
+            except Exception as e:  # a failure of ours must cost the rewrite, never the user's compile
+                failed = failed or MoELayer(path, None, None, None, False, f"internal error: {type(e).__name__}: {e}")
+                continue
+            layer = explain(fast).moe_layers[0] if explain(fast).moe_layers else None
+            if layer is not None and layer.rewritten:
+                dynamo.replace(gm, block, _call_with_parameters(fast, block.module.names, len(block.activations)))
+                report.moe_layers.append(dataclasses.replace(layer, name=path))
+                lifted.append(path)
+                break
+            if layer is not None and failed is None:
+                failed = dataclasses.replace(layer, name=path)
+        else:
+            if failed is None:  # no enclosing module reads as an MoE (a top-k elsewhere, or a broken-up block)
+                report.notes.append(f"top-k in {paths[-1]} is not MoE routing, or not all of its block is in this "
+                                    "graph (a graph break inside the block: torch._dynamo.explain shows where)")
+            else:
+                report.moe_layers.append(failed)
+                log.warning("moecompile backend: %s not lifted: %s", failed.name, failed.reason)
+    return report
+
+
+def _values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, object]:
+    """The real value of every node on the example inputs (one forward, no autograd)."""
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            values[n] = out = super().run_node(n)
+            return out
+    with torch.no_grad():
+        Recorder(gm).run(*example_inputs)
+    return values
+
+
+def _call_with_parameters(fast: torch.nn.Module, names: list[str], n_activations: int):
+    """The block as a function of its activations and parameters: the graph's parameter inputs stand in for
+    the module's own (torch.func.functional_call), so AOTAutograd differentiates with respect to them."""
+    def moe_block(*inputs):
+        params = dict(zip(names, inputs[n_activations:]))
+        return torch.func.functional_call(fast, params, inputs[:n_activations])
+    return moe_block
+
+
+def _record_ops(report: Report, graph: fx.Graph, which: str) -> None:
+    """Note which moecompile ops a forward or backward graph holds, for explain()."""
+    ops = Counter(n.target.name().split("::")[1].split(".")[0] for n in graph.nodes
+                  if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                  and n.target.namespace == "moecompile")
+    report.notes.append(f"{which} graph: " + (", ".join(f"{op} ×{c}" for op, c in sorted(ops.items()))
+                                              or "no moecompile ops"))
+
+
+def reports_for(model: torch.nn.Module) -> Report:
+    """One Report from every graph compiled with this backend that reads `model`'s parameters."""
+    seen, out = set(), Report()
+    for p in model.parameters():
+        ref, reports = _REPORTS.get(id(p), (None, []))
+        for r in reports if ref is not None and ref() is p else ():
+            if id(r) not in seen:
+                seen.add(id(r))
+                out.moe_layers += r.moe_layers
+                out.notes += r.notes
+                out.passes = r.passes
+    if not seen:
+        out.notes.append("no graph of this model has been compiled with backend='moecompile' yet")
+    return out
