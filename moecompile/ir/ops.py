@@ -133,7 +133,9 @@ def _(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n_gro
 @op("moecompile::route_backward", mutates_args=())
 def route_backward(grad_weights: Tensor, logits: Tensor, indices: Tensor, scoring: str, renormalize: bool,
                    scale: float, backend: str) -> Tensor:
-    return kernels(backend).route_backward(grad_weights, logits, indices, scoring, renormalize, scale)
+    # contiguous, as the fake says (native's transposed softmax gives a column-major gradient from 1024 rows;
+    # Inductor checks the strides of what a custom op returns)
+    return kernels(backend).route_backward(grad_weights, logits, indices, scoring, renormalize, scale).contiguous()
 
 
 @route_backward.register_fake
