@@ -47,6 +47,7 @@ PASSED_ON = ("kernels", "validate", "tolerance")  # optimize() options the backe
 REFUSED = ("shortcut", "mesh", "placement", "overlap", "num_experts", "upcycle_noise")
 COMPILERS = ("inductor", "eager")
 MAX_LEVELS = 3
+ROOT = "(the compiled module)"
 # reports of compiled graphs by the model parameters they read, id(p) → (weakref to p, reports):
 # explain(torch.compile(m, ...)) finds them (tensors compare by value, so no WeakKeyDictionary)
 _REPORTS: dict[int, tuple[weakref.ref, list[Report]]] = {}
@@ -106,26 +107,27 @@ def lift_blocks(gm: fx.GraphModule, example_inputs, options: dict) -> Report:
     lifted: list[str] = []
     for selection in found:
         paths = dynamo.stack(selection)
-        if any(p in lifted for p in paths):
+        if any(p in lifted for p in ["", *paths]):
             continue  # a second selection in a block already lifted (grouped top-k)
         failed: MoELayer | None = None  # the innermost block read as an MoE that could not be lifted
-        for path in list(reversed(paths))[:MAX_LEVELS]:
+        for path in ([*reversed(paths), ""])[:MAX_LEVELS]:  # "": the compiled module itself
             try:
                 block = dynamo.extract(gm, path, values)
                 if block is None:
                     continue  # interleaved with the code around it
                 fast = optimize(block.module, tuple(values[a] for a in block.activations), **options)
             except Exception as e:  # a failure of ours must cost the rewrite, never the user's compile
-                failed = failed or MoELayer(path, None, None, None, False, f"internal error: {type(e).__name__}: {e}")
+                failed = failed or MoELayer(path or ROOT, None, None, None, False,
+                                            f"internal error: {type(e).__name__}: {e}")
                 continue
             layer = explain(fast).moe_layers[0] if explain(fast).moe_layers else None
             if layer is not None and layer.rewritten:
                 dynamo.replace(gm, block, _call_with_parameters(fast, block.module.names, len(block.activations)))
-                report.moe_layers.append(dataclasses.replace(layer, name=path))
+                report.moe_layers.append(dataclasses.replace(layer, name=path or ROOT))
                 lifted.append(path)
                 break
             if layer is not None and failed is None:
-                failed = dataclasses.replace(layer, name=path)
+                failed = dataclasses.replace(layer, name=path or ROOT)
         else:
             if failed is None:  # no enclosing module reads as an MoE (a top-k elsewhere, or a broken-up block)
                 report.notes.append(f"top-k in {paths[-1]} is not MoE routing, or not all of its block is in this "

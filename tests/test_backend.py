@@ -66,6 +66,17 @@ def test_hand_written_blocks_equal_eager(name):
     assert report.moe_layers[0].name == "block"
 
 
+def test_a_compiled_moe_block_itself_is_lifted():
+    """torch.compile on the MoE block alone (benchmarks/moe_layer.py does): the graph is all block."""
+    torch.manual_seed(0)
+    block = hf_zoo.mixtral().model.layers[0].mlp
+    compiled = _compiled(block)
+    x = torch.randn(2, 12, 32, requires_grad=True)  # a graph input: dispatch_backward only if it needs a grad
+    assert_same_training_step(block, compiled, (x,), {})
+    report = _assert_all_lifted(compiled, 1)
+    assert report.moe_layers[0].name == backend.ROOT
+
+
 def test_gpt_moe_compiles_once_for_repeated_steps():
     """The reference GPT-MoE's expert loop (`nonzero`, data-dependent row counts) stays in one graph, and
     training steps on new data of the same shape reuse it."""
