@@ -80,11 +80,13 @@ def explain(model: nn.Module) -> Report:
     """What moecompile found and did in `model`: an `optimize()` result, or a `torch.compile(...,
     backend="moecompile")` one (every graph compiled so far)."""
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        inner = getattr(model._orig_mod, _STATE, False)
-        if inner is not False:
-            return explain(model._orig_mod)
         from moecompile.backend import reports_for
-        return reports_for(model._orig_mod)
+        compiled = reports_for(model._orig_mod)
+        if getattr(model._orig_mod, _STATE, False) is False:
+            return compiled
+        inner = explain(model._orig_mod)  # an optimize() result, compiled: its blocks, and the compiled graphs
+        return Report(inner.moe_layers, inner.notes + [n for n in compiled.notes if compiled.passes],
+                      inner.passes + compiled.passes)
     ctx = getattr(model, _STATE, False)
     if ctx is False:
         raise ValueError("explain() takes a model returned by moecompile.optimize() or by torch.compile(model, "

@@ -19,7 +19,8 @@ none runs inside Inductor: a pass that does must be an Inductor `CustomGraphPass
 Inductor's cache key includes. Options: those of optimize() that keep the model's parameters (`kernels`,
 `validate`, `tolerance`) and `compiler`: "inductor" (default) or "eager" (AOTAutograd without code
 generation: for debugging and fast tests). `shortcut` and `mesh` create parameters, which a backend cannot
-hand back to the user's optimizer: run `optimize(model, example_inputs, mesh=..., shortcut=...)` first.
+hand back to the user's optimizer: compile `optimize(model, example_inputs, mesh=..., shortcut=...)`, whose
+blocks are lifted already (the backend then finds no selection to lift and compiles the rest).
 
 Importing this module turns on Dynamo's `capture_scalar_outputs` and `capture_dynamic_output_shape_ops`: an
 MoE block's data-dependent sizes (token counts per expert, `nonzero`) then stay inside one graph instead of
@@ -59,8 +60,9 @@ def moecompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
     refused = sorted(set(options) & set(REFUSED))
     if refused:
         raise ValueError(f"backend='moecompile': {', '.join(refused)} change the model's parameters, which a "
-                         "torch.compile backend cannot hand to your optimizer; use moecompile.optimize(model, "
-                         f"example_inputs, {refused[0]}=...) and torch.compile its result")
+                         "torch.compile backend cannot hand to your optimizer; compile an optimize() result "
+                         f"instead: torch.compile(moecompile.optimize(model, example_inputs, {refused[0]}=...), "
+                         "backend='moecompile'), and build the optimizer from its parameters")
     unknown = sorted(set(options) - set(PASSED_ON))
     if unknown or compiler not in COMPILERS:
         raise ValueError(f"backend='moecompile': unknown option(s) {unknown or [compiler]}; options are "
@@ -120,7 +122,7 @@ def lift_blocks(gm: fx.GraphModule, example_inputs, options: dict) -> Report:
                 failed = failed or MoELayer(path or ROOT, None, None, None, False,
                                             f"internal error: {type(e).__name__}: {e}")
                 continue
-            layer = explain(fast).moe_layers[0] if explain(fast).moe_layers else None
+            layer = next(iter(explain(fast).moe_layers), None)
             if layer is not None and layer.rewritten:
                 dynamo.replace(gm, block, _call_with_parameters(fast, block.module.names, len(block.activations)))
                 report.moe_layers.append(dataclasses.replace(layer, name=path or ROOT))
@@ -139,15 +141,20 @@ def lift_blocks(gm: fx.GraphModule, example_inputs, options: dict) -> Report:
 
 
 def _values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, object]:
-    """The real value of every node on the example inputs (one forward, no autograd)."""
+    """The real value of every node on the example inputs (one forward, no autograd), leaving the user's state
+    as it was: the RNG (dropout) and every tensor input but the parameters (buffers a forward updates)."""
     values = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
             values[n] = out = super().run_node(n)
             return out
-    with torch.no_grad():
+    state = [(t, t.clone()) for t in example_inputs
+             if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         Recorder(gm).run(*example_inputs)
+        for t, saved in state:
+            t.copy_(saved)
     return values
 
 

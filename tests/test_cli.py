@@ -158,7 +158,8 @@ def test_a_stage_that_fails_to_export_shows_the_error(tiny_captured, chromium, t
     (["explain", "no_such_module:f", "--example-input", "2x8"], "cannot import 'no_such_module'"),
     (["explain", "missing.pt2"], "no such file: missing.pt2"),
     (["explain", "gpt-moe", "--layers", "0"], "--layers must be at least 1"),
-    (["bench", "nope"], "unknown benchmark 'nope'; available: checkpoint, ep_overlap, kernels, moe_layer, quality"),
+    (["bench", "nope"], "unknown benchmark 'nope'; available: checkpoint, compile_model, ep_overlap, kernels, "
+                        "moe_layer, quality"),
 ])
 def test_user_mistakes_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
