@@ -109,9 +109,9 @@ def _lookup(module: nn.Module, name: str) -> torch.Tensor:
 
 
 def extract(gm: fx.GraphModule, path: str, values: dict[fx.Node, object]) -> Block | None:
-    """The nodes traced inside module `path` ("": the compiled module's own, all of them) as a Block; None if there are none, or if they are interleaved
-    with other code so that one call cannot replace them. `values`: the real value of every placeholder (a
-    parameter's is the Parameter itself)."""
+    """The nodes traced inside module `path` ("": all of the compiled module's) as a Block; None if there are
+    none, or if they are interleaved with other code so that one call cannot replace them. `values`: the real
+    value of every placeholder (a parameter's is the Parameter itself)."""
     params = parameter_names(gm)
     prefix = path + "." if path else ""
     inside = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and (not path or path in stack(n))]
