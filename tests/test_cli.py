@@ -66,17 +66,28 @@ def tiny_captured():
         return capture(load("test_cli:tiny_gpt_moe", ["2x8:int64"]))
 
 
-@pytest.fixture(scope="session")
-def chromium():
-    exe = shutil.which("chromium")
-    if exe is None and shutil.which("apt-get"):  # Debian's package; needs root and the network, tried once
+def debian_tool(command: str, package: str) -> str:
+    """The path of `command`, installing Debian's `package` when it is missing (needs root and the network;
+    tried once per session); skips the test, saying why, only when that fails."""
+    exe = shutil.which(command)
+    if exe is None and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, env=env, timeout=900)
-        exe = shutil.which("chromium")
+        subprocess.run(["apt-get", "install", "-y", package], capture_output=True, env=env, timeout=900)
+        exe = shutil.which(command)
     if exe is None:
-        pytest.skip("headless Chromium unavailable: no `chromium` on PATH and `apt-get install -y chromium` failed")
+        pytest.skip(f"no `{command}` on PATH and `apt-get install -y {package}` failed")
     return exe
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    return debian_tool("chromium", "chromium")
+
+
+@pytest.fixture(scope="session")
+def graphviz():
+    return debian_tool("dot", "graphviz")
 
 
 def browse(chromium, page: Path, tmp_path, *flags: str, url_suffix="#selftest"):
@@ -167,6 +178,14 @@ def test_user_mistakes_exit_2_with_one_line(argv, message, capsys, tmp_path, mon
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_dot_renders_with_graphviz(graphviz, mixtral_views, tmp_path):
+    """The dot output is valid Graphviz (dot renders it), and svg output is what dot makes of it."""
+    subprocess.run([graphviz, "-Tsvg", str(mixtral_views / "m.dot"), "-o", str(tmp_path / "m.svg")], check=True)
+    assert main(["viz", "hf:mixtral", "-o", str(tmp_path / "g.svg")]) == 0
+    svg = (tmp_path / "g.svg").read_text()
+    assert "<svg" in svg and "moecompile.expert_ffn" in svg
 
 
 def test_svg_without_graphviz_says_so(capsys, monkeypatch, tmp_path):
