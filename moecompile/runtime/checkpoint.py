@@ -204,14 +204,16 @@ class PECCheckpointer:
                                    f"intact, and the next checkpoint saves its experts again: {err}") from err
 
     def close(self) -> None:
-        """Wait for the last write; call before destroy_process_group()."""
-        self.wait()
-        self._jobs.shutdown()
-        self._snapshot.close()
-        if self._hook is not None:
-            self._hook.remove()
-        for spec in self._specs.values():
-            spec.expert_load = None
+        """Wait for the last write (raising if it failed); call before destroy_process_group()."""
+        try:
+            self.wait()
+        finally:  # released even when the last write failed
+            self._jobs.shutdown()
+            self._snapshot.close()
+            if self._hook is not None:
+                self._hook.remove()
+            for spec in self._specs.values():
+                spec.expert_load = None
 
     def __enter__(self):
         return self
