@@ -142,10 +142,7 @@ def build(impl, block, x, top_k, row):
         t0 = time.perf_counter()
         fast = moecompile.optimize(block, example_inputs=(x.detach(),))
         row["compile_s"] = round(time.perf_counter() - t0, 3)
-        layers = moecompile.explain(fast).moe_layers
-        if not layers or not layers[0].rewritten:
-            reason = layers[0].reason if layers else "no MoE block found"
-            raise RuntimeError(f"moecompile did not rewrite the MoE block: {reason}")
+        require_rewritten(fast)
         return fast, params
     if impl == "moecompile_backend":
         return _LiftChecked(torch.compile(block, backend="moecompile")), params
@@ -153,6 +150,14 @@ def build(impl, block, x, top_k, row):
         fn, xs = floor_fn(block, x, top_k)
         return fn, [xs, block.experts.gate_up_proj, block.experts.down_proj]
     raise ValueError(impl)
+
+
+def require_rewritten(model) -> None:
+    """Fail the row unless moecompile rewrote the block (an optimize() or backend='moecompile' result)."""
+    layers = moecompile.explain(model).moe_layers
+    if not layers or not layers[0].rewritten:
+        reason = layers[0].reason if layers else "no MoE block found"
+        raise RuntimeError(f"moecompile did not rewrite the MoE block: {reason}")
 
 
 class _LiftChecked:
@@ -164,10 +169,7 @@ class _LiftChecked:
     def __call__(self, x):
         out = self.compiled(x)
         if not self.checked:
-            layers = moecompile.explain(self.compiled).moe_layers
-            if not layers or not layers[0].rewritten:
-                raise RuntimeError("backend='moecompile' did not rewrite the MoE block: "
-                                   + (layers[0].reason if layers else "no MoE block found"))
+            require_rewritten(self.compiled)
             self.checked = True
         return out
 

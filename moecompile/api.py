@@ -85,8 +85,8 @@ def explain(model: nn.Module) -> Report:
         if getattr(model._orig_mod, _STATE, False) is False:
             return compiled
         inner = explain(model._orig_mod)  # an optimize() result, compiled: its blocks, and the compiled graphs
-        return Report(inner.moe_layers, inner.notes + [n for n in compiled.notes if compiled.passes],
-                      inner.passes + compiled.passes)
+        graphs = compiled.notes if compiled.passes else []  # (no passes: nothing compiled with the backend yet)
+        return Report(inner.moe_layers, inner.notes + graphs, inner.passes + compiled.passes)
     ctx = getattr(model, _STATE, False)
     if ctx is False:
         raise ValueError("explain() takes a model returned by moecompile.optimize() or by torch.compile(model, "
