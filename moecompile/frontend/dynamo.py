@@ -14,6 +14,7 @@ the block's nodes for one call of `fn(*activations, *parameters)`.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import fx, nn
 SELECTIONS = {torch.topk, "topk", torch.max, "max", torch.argmax, "argmax"}
 
 
+@functools.lru_cache(maxsize=None)  # a graph's nodes share a few hundred paths; extract() reads them often
 def module_path(source: str) -> str:
     """`L['self']._modules['layers']._modules['0'].mlp[1]` → `layers.0.mlp.1` (a name in named_modules())."""
     s = re.sub(r"^L\['self'\]\.?", "", source)
