@@ -35,91 +35,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import emulated_link  # noqa: E402
 from common import RESULTS_DIR, machine_info, progress, stable_malloc, table, write_json  # noqa: E402
+from emulated_link import net_rate, netns_available, two_namespaces  # noqa: E402
 
 CONFIG = dict(n_layer=4, d_model=256, d_ff=1024, n_head=4, num_experts=8, top_k=2, max_seq=256)
 BATCH, SEQ = 8, 256
 QUICK = dict(config=dict(CONFIG, d_model=128, d_ff=512, max_seq=128), batch=4, seq=128)
 SETTINGS = (("PCIe-like", 0.60), ("NVLink-like", 0.15))
 VARIANTS = ("off", "auto", "2", "4", "scmoe", "dgmoe")  # the last two: optimize(shortcut=...) conversions
-NS, SUBNET, PORT = "mcep", "10.77.0", 29613
+PORT = 29613
 CALIBRATION_PROBES = 3
 
 
-# ---- the network: two namespaces joined by a rate-limited veth pair -------------------------------------------
-def netns_available() -> str | None:
-    """None if namespaces can be made here, else why not."""
-    if os.geteuid() != 0:
-        return "not root"
-    if not shutil.which("ip") or not shutil.which("tc"):
-        return "no ip/tc"
-    probe = subprocess.run(["ip", "netns", "add", f"{NS}probe"], capture_output=True, text=True)
-    if probe.returncode:
-        return f"ip netns failed: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", f"{NS}probe"], check=True)
-    return None
-
-
-def _sh(*cmd):
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
-def net_up():
-    for r in (0, 1):
-        _sh("ip", "netns", "add", f"{NS}{r}")
-    _sh("ip", "link", "add", f"{NS}v0", "type", "veth", "peer", "name", f"{NS}v1")
-    for r in (0, 1):
-        ns = f"{NS}{r}"
-        _sh("ip", "link", "set", f"{NS}v{r}", "netns", ns)
-        _sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{r + 1}/24", "dev", f"{NS}v{r}")
-        _sh("ip", "-n", ns, "link", "set", f"{NS}v{r}", "up")
-        _sh("ip", "-n", ns, "link", "set", "lo", "up")
-
-
-def net_rate(bytes_per_s: float | None):
-    """Limit both directions of the link (None: no limit)."""
-    for r in (0, 1):
-        dev, ns = f"{NS}v{r}", f"{NS}{r}"
-        subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
-        if bytes_per_s is not None:  # a burst of 1 ms of traffic: a message cannot slip through at once
-            burst = max(32 << 10, int(bytes_per_s / 1000))
-            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                "rate", f"{int(bytes_per_s * 8)}bit", "burst", str(burst), "latency", "1s")
-
-
-def net_down():
-    for r in (0, 1):
-        subprocess.run(["ip", "netns", "del", f"{NS}{r}"], capture_output=True)
-
-
-# ---- launching the two ranks ---------------------------------------------------------------------------------
 def launch(variants, steps, quick, namespaces: bool) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        procs = []
-        for r in (0, 1):
-            env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_PORT=str(PORT), OMP_NUM_THREADS="1",
-                       MASTER_ADDR=f"{SUBNET}.1" if namespaces else "127.0.0.1")
-            if namespaces:
-                env["GLOO_SOCKET_IFNAME"] = f"{NS}v{r}"
-            cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--steps", str(steps),
-                   "--variants", ",".join(variants)] + (["--quick"] if quick else [])
-            if namespaces:
-                cmd = ["ip", "netns", "exec", f"{NS}{r}"] + cmd
-            procs.append(subprocess.Popen(cmd, env=env))
-        codes = [p.wait() for p in procs]
-        if any(codes):
-            raise SystemExit(f"a rank failed (exit codes {codes})")
-        return json.loads(out.read_text())
+    return emulated_link.launch(__file__, ["--steps", str(steps), "--variants", ",".join(variants)]
+                                + (["--quick"] if quick else []), PORT, namespaces)
 
 
 # ---- one rank ------------------------------------------------------------------------------------------------
@@ -237,10 +174,7 @@ def main():
     steps = 3 if args.quick else args.steps
     why_not = netns_available()
     rows, settings = [], []
-    if why_not is None:
-        net_down()  # namespaces left by an interrupted run
-        net_up()
-    try:
+    with two_namespaces(why_not is None):
         with progress() as bar:
             task = bar.add_task("link settings", total=1 + (len(SETTINGS) if why_not is None else 0))
             base = launch(["off"], steps, args.quick, namespaces=why_not is None)
@@ -252,9 +186,6 @@ def main():
                     links.append((f"{name} ({rate * 8 / 1e6:.0f} Mbit/s)", fraction,
                                   launch(VARIANTS, steps, args.quick, True)))
                     bar.advance(task)
-    finally:
-        if why_not is None:
-            net_down()
     unlimited_region = base["off"]["region_ms"]
     for link, target, result in links:
         off = result["off"]

@@ -3,9 +3,11 @@
     moecompile explain hf:mixtral
     moecompile viz hf:mixtral -o build/mixtral.html          # format from the suffix; -o may repeat
     moecompile viz mypkg.models:build --example-input 2x16:int64 -o graph.json
+    moecompile viz gpt-moe --ranks 2 --overlap 2 -o ep.html  # + predicted and measured timelines of 2 ranks
     moecompile bench moe_layer --quick
 
-Exit codes: 0 done, 2 a mistake in the command (one line on stderr, no traceback); a benchmark's own code.
+Exit codes: 0 done, 2 a mistake in the command (one line on stderr, no traceback), 1 a rank of viz --ranks
+failed (its traceback on stderr); a benchmark's own code.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import moecompile
 from moecompile.viz import FORMATS, format_for, render
 from moecompile.viz.formats import pick_stage
 from moecompile.viz.graph import capture
+from moecompile.viz.measure import RankFailed, measure
+from moecompile.viz.schedule import measured_title
 from moecompile.viz.targets import HF_FAMILIES, TargetError, load
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"  # present in a checkout, not in a wheel
@@ -68,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS,
                    help="default from OUT's suffix: .html html, .json me-json, .txt text, .dot dot, .svg svg")
     p.add_argument("--stage", help="the stage dot/svg show: a pass name, 'input' or an index (default: the last)")
+    p.add_argument("--ranks", type=int, metavar="N",
+                   help="also train TARGET expert-parallel on N gloo processes of this machine and show each rank's "
+                        "measured schedule timeline of the last step beside the predicted one")
+    p.add_argument("--overlap", type=_overlap, metavar="off|auto|INT",
+                   help="with --ranks: optimize(overlap=...), the pipelining degree (default off)")
     names = benchmarks()
     listing = "\n".join(f"  {name:12} {line}" for name, line in names.items()) or "  (no benchmarks/ folder here)"
     p = commands.add_parser("bench", help="run a benchmark script of the repository",
@@ -89,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"moecompile {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _overlap(text: str) -> str | int:
+    if text in ("off", "auto") or (text.isdigit() and int(text) >= 1):
+        return text if text in ("off", "auto") else int(text)
+    raise argparse.ArgumentTypeError(f"expected off, auto or a pipelining degree >= 1, got {text!r}")
 
 
 def _load(args):
@@ -129,7 +144,23 @@ def viz(args) -> int:
             raise UsageError("svg needs Graphviz's `dot` on PATH (install Graphviz), or write .dot or .html instead")
     if args.stage is not None and not any(fmt in ("dot", "svg") for _, fmt in outputs):
         raise UsageError("--stage picks the stage of a dot or svg output (html, me-json and text show every stage)")
-    captured = capture(_load(args))
+    if args.overlap is not None and args.ranks is None:
+        raise UsageError("--overlap applies to a measured run: add --ranks N")
+    if args.ranks is not None and (args.ranks < 2 or args.target.endswith(".pt2")):
+        raise UsageError("--ranks needs at least 2 ranks" if args.ranks < 2 else
+                         f"--ranks trains a model: {args.target} is a saved graph")
+    target, measured = _load(args), None
+    if args.ranks:  # first: a failing rank is reported before the passes' snapshots are taken
+        try:
+            overlap = "off" if args.overlap is None else args.overlap
+            measured = measure(args.target, args.example_input, args.layers, args.ranks, overlap)
+        except RankFailed as e:
+            print(f"moecompile viz: error: the measured run failed: {e}", file=sys.stderr)
+            return 1
+        print(measured_title(measured))
+    captured = capture(target)
+    if measured is not None:  # the schedules of the ranks' own optimize(mesh=...), with what they measured
+        captured.measured, captured.schedules = measured, measured.schedules
     blocks = captured.blocks
     print(f"{args.target}: {len(blocks)} MoE block(s), {sum(b.rewritten for b in blocks)} rewritten")
     for out, fmt in outputs:

@@ -35,8 +35,10 @@ class MoELayer:
             parts.append(f"groups {s.route.topk_group}/{s.route.n_group}")
         if s.score_bias:
             parts.append("score bias")
-        if s.capacity:
-            parts.append(f"capacity {s.capacity.capacity}")
+        if s.capacity or s.routing.capacity_factor is not None:
+            parts.append(_capacity_details(s))
+        elif s.routing.batch_prioritized:
+            parts.append("batch-prioritized (no effect: dropless)")
         if s.shared:
             parts.append("shared expert" + (" (gated)" if s.shared_gate else ""))
         if s.parallel is not None:
@@ -70,9 +72,33 @@ class Report:
         return console.export_text().rstrip()
 
 
+def _capacity_details(s: MoESpec) -> str:
+    """The capacity rule (the block's own or the user's factor), its groups and slot order, and the slots
+    routed and dropped: cumulative over training calls and in the last call."""
+    own, x = s.capacity, s.routing.capacity_factor
+    rule = f"capacity {own.capacity}" if x is None else f"capacity factor {x:g} (C = " + (
+        f"⌈k·{x:g}·G/E⌉)" if x > 0 else "the call's largest expert load)" if x == 0 else
+        f"the call's largest expert load, at most ⌈k·{-x:g}·G/E⌉)")
+    if own and own.group_size:
+        rule += f" per {own.group_size} tokens"
+    if own and own.dropped == "identity":
+        rule += ", dropped tokens pass unchanged"
+    if s.routing.batch_prioritized:
+        rule += ", batch-prioritized" + (" (dispatch: reference kernels)" if s.kernels["dispatch"] == "triton" else "")
+    d = s.drops
+    if d.last_capacity is not None:
+        rule += (f"; last call: capacity {d.last_capacity}, dropped {d.last_dropped} of {d.last_routed} "
+                 f"token-slots; training: dropped {d.dropped} of {d.routed}")
+        if d.routed:
+            rule += f" ({100 * d.dropped / d.routed:.1f}%)"
+    return rule
+
+
 def _parallel_details(p) -> str:
     """Placement, the chosen schedule with its predictions, and what the runtime measured so far."""
-    text = f"expert parallel over {p.size} ranks (experts per rank {list(p.placement.sizes)})"
+    from moecompile.runtime.adaptive import AdaptiveExperts  # report is imported by the passes it describes
+    text = p.summary() if isinstance(p, AdaptiveExperts) else \
+        f"expert parallel over {p.size} ranks (experts per rank {list(p.placement.sizes)})"
     if p.schedule is not None:
         text += "; " + p.schedule.summary()
     if p.tuner is not None:

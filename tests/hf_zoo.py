@@ -4,12 +4,12 @@ import torch
 V = 128
 
 
-def mixtral():
+def mixtral(**overrides):
     from transformers import MixtralConfig, MixtralForCausalLM
-    return MixtralForCausalLM(MixtralConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0,
-        max_position_embeddings=64))
+    cfg = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0,
+               max_position_embeddings=64)
+    return MixtralForCausalLM(MixtralConfig(**{**cfg, **overrides}))
 
 
 def qwen2_moe():
@@ -50,15 +50,15 @@ def deepseek_v3():
         max_position_embeddings=64, norm_topk_prob=True)))
 
 
-def gpt_oss():
+def gpt_oss(**overrides):
     """Clamped SwiGLU, interleaved gate/up in [in, out] layout, expert and router biases, top-k → softmax."""
     from transformers import GptOssConfig, GptOssForCausalLM
-    return nonzero_biases(GptOssForCausalLM(GptOssConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-        swiglu_alpha=1.5, swiglu_limit=0.5,  # not the defaults, so a misread constant cannot pass
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})))
+    cfg = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+               max_position_embeddings=64, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+               swiglu_alpha=1.5, swiglu_limit=0.5,  # not the defaults, so a misread constant cannot pass
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return nonzero_biases(GptOssForCausalLM(GptOssConfig(**{**cfg, **overrides})))
 
 
 def ernie4_5_moe():

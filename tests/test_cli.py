@@ -1,6 +1,5 @@
 """The `moecompile` command line and its views, run as a user runs them; the HTML page in headless Chromium."""
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from moecompile.viz.targets import load
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "build" / "test-artifacts"  # build/ is gitignored
 CANONICAL = {"moecompile.route", "moecompile.dispatch", "moecompile.expert_ffn", "moecompile.combine"}
+STAGES = len(PIPELINES["default"]) + 1  # the input and the graph after each pass
 
 
 def tiny_gpt_moe():
@@ -49,45 +49,6 @@ def gpt32_pt2(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt32") / "gpt32.pt2"
     torch.export.save(torch.export.export(fast, (ids,), strict=False), path)
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_captured():
-    """The stages of a 2-layer GPT-MoE factory target, with the export after `shortcut` made to fail."""
-    export, calls = torch.export.export, []
-
-    def flaky_export(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:  # stage 5: input, find_moe, lift_moe, select_kernels, validate, shortcut
-            raise RuntimeError("injected export failure")
-        return export(*args, **kwargs)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.export, "export", flaky_export)
-        return capture(load("test_cli:tiny_gpt_moe", ["2x8:int64"]))
-
-
-def debian_tool(command: str, package: str) -> str:
-    """The path of `command`, installing Debian's `package` when it is missing (needs root and the network;
-    tried once per session); skips the test, saying why, only when that fails."""
-    exe = shutil.which(command)
-    if exe is None and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", package], capture_output=True, env=env, timeout=900)
-        exe = shutil.which(command)
-    if exe is None:
-        pytest.skip(f"no `{command}` on PATH and `apt-get install -y {package}` failed")
-    return exe
-
-
-@pytest.fixture(scope="session")
-def chromium():
-    return debian_tool("chromium", "chromium")
-
-
-@pytest.fixture(scope="session")
-def graphviz():
-    return debian_tool("dot", "graphviz")
 
 
 def browse(chromium, page: Path, tmp_path, *flags: str, url_suffix="#selftest"):
@@ -134,7 +95,7 @@ def test_text_and_dot(mixtral_views):
     assert all(f"+1 {op}" in changed for op in CANONICAL) and "-1 aten.topk" in changed
     assert "route = moecompile.route(" in lifted and "no expert-parallel schedule" in text
     dot = (mixtral_views / "m.dot").read_text()
-    assert dot.startswith('digraph "schedule_overlap"') and 'label="model/layers/0"' in dot
+    assert dot.startswith(f'digraph "{PIPELINES["default"][-1]}"') and 'label="model/layers/0"' in dot
     assert "moecompile.expert_ffn" in dot and "fillcolor=plum" in dot
 
 
@@ -155,7 +116,7 @@ def test_a_stage_that_fails_to_export_shows_the_error(tiny_captured, chromium, t
     page = tmp_path / "tiny.html"
     page.write_text(render(tiny_captured, "html"))
     dom, console = browse(chromium, page, tmp_path)
-    assert selftest(dom).startswith("ok stages=8") and not console
+    assert selftest(dom).startswith(f"ok stages={STAGES} ") and not console
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -164,13 +125,16 @@ def test_a_stage_that_fails_to_export_shows_the_error(tiny_captured, chromium, t
     (["viz", "hf:mixtral", "-o", "x.png"], "cannot tell the format of 'x.png'"),
     (["viz", "hf:mixtral", "-o", "x.html", "--format", "png"], "invalid choice: 'png'"),
     (["viz", "hf:mixtral", "-o", "x.html", "--stage", "input"], "--stage picks the stage of a dot or svg"),
+    (["viz", "hf:mixtral", "-o", "x.html", "--overlap", "2"], "--overlap applies to a measured run: add --ranks N"),
+    (["viz", "hf:mixtral", "-o", "x.html", "--ranks", "1"], "--ranks needs at least 2 ranks"),
+    (["viz", "hf:mixtral", "-o", "x.html", "--ranks", "2", "--overlap", "0"], "expected off, auto or a pipelining"),
+    (["viz", "missing.pt2", "-o", "x.html", "--ranks", "2"], "--ranks trains a model: missing.pt2 is a saved graph"),
     (["explain", "test_cli:tiny_gpt_moe"], "needs --example-input"),
     (["explain", "test_cli:tiny_gpt_moe", "--example-input", "2x8:complex64"], "bad --example-input '2x8:complex64'"),
     (["explain", "no_such_module:f", "--example-input", "2x8"], "cannot import 'no_such_module'"),
     (["explain", "missing.pt2"], "no such file: missing.pt2"),
     (["explain", "gpt-moe", "--layers", "0"], "--layers must be at least 1"),
-    (["bench", "nope"], "unknown benchmark 'nope'; available: checkpoint, compile_model, ep_overlap, kernels, "
-                        "moe_layer, quality"),
+    (["bench", "nope"], "unknown benchmark 'nope'; available: " + ", ".join(cli.benchmarks())),
 ])
 def test_user_mistakes_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -230,7 +194,7 @@ def test_html_page_in_chromium(mixtral_views, chromium, tmp_path):
     assert "<script src" not in page.read_text() and "http" not in page.read_text().replace("http://www.w3.org", "")
     dom, console = browse(chromium, page, tmp_path)
     result = selftest(dom)
-    assert result.startswith("ok stages=8"), result  # every stage clicked, each shown, no errors
+    assert result.startswith(f"ok stages={STAGES} "), result  # every stage clicked, each shown, no errors
     assert not console, console
     assert "model.layers.0.mlp" in dom and "contains MoE" in dom and "stage 2: lift_moe" in dom
     assert "No expert-parallel schedule for this model" in dom

@@ -5,6 +5,7 @@ formula, so it trains. The formulas call backward ops that are custom ops too (`
 backward graph holds one opaque node per op whatever runs inside it (a Triton kernel cannot be traced
 through). The last argument, `backend`, names the kernels that run an op ("native", "triton" or
 "reference", see moecompile/kernels/__init__.py): the kernel-selection pass's choice is part of the graph.
+(dispatch's optional `priority` comes after it: calls written before it existed stay valid.)
 Shapes: T tokens, D hidden, E experts, k slots per token, N kept (token, slot) pairs (T·k when dropless),
 F expert hidden size.
 """
@@ -67,7 +68,8 @@ def call(custom, *args):
             tensors.append(a)
     if _tracing(tensors):
         return custom(*args)
-    if custom._name in kernels(args[-1]).DIFFERENTIABLE or \
+    backend = args[-1] if type(args[-1]) is str else args[-2]  # dispatch's optional priority follows it
+    if custom._name in kernels(backend).DIFFERENTIABLE or \
             not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return custom._init_fn(*args)
     flat, sizes = _flatten(args)
@@ -159,15 +161,19 @@ _register_autograd(route, _route_backward, _route_setup)
 
 
 # ---- dispatch: x [T, D] → x_perm [N, D] expert-major, order [N] (slot ids t·k+j), counts [E] -------------
+# `priority` [T] (after the backend: an optional argument added last), with a capacity: batch-prioritized
+# routing, slots kept in order of their token's priority (kernels/reference.py slot_order); no gradient.
 @op("moecompile::dispatch", mutates_args=())
 def dispatch(x: Tensor, indices: Tensor, num_experts: int, capacity: int, group_size: int,
-             backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    x_perm, order, counts = kernels(backend).dispatch(x, indices, num_experts, capacity, group_size)
-    return x_perm, order, counts
+             backend: str, priority: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    impl = kernels(backend)
+    if priority is None:
+        return impl.dispatch(x, indices, num_experts, capacity, group_size)
+    return impl.dispatch(x, indices, num_experts, capacity, group_size, priority)
 
 
 @dispatch.register_fake
-def _(x, indices, num_experts, capacity, group_size, backend):
+def _(x, indices, num_experts, capacity, group_size, backend, priority=None):
     n = indices.numel() if capacity < 0 else torch.library.get_ctx().new_dynamic_size()
     return x.new_empty(n, x.shape[1]), indices.new_empty(n), indices.new_empty(num_experts)
 
@@ -183,7 +189,7 @@ def _(grad_x_perm, order, k, num_tokens, backend):
 
 
 def _dispatch_setup(ctx, inputs, output):
-    x, indices, *_, ctx.backend = inputs
+    x, indices, ctx.backend = inputs[0], inputs[1], inputs[5]
     ctx.set_materialize_grads(False)
     ctx.k, ctx.num_tokens = indices.shape[1], x.shape[0]
     ctx.save_for_backward(output[1])
@@ -192,10 +198,10 @@ def _dispatch_setup(ctx, inputs, output):
 def _dispatch_backward(ctx, grad_x_perm, _grad_order, _grad_counts):
     (order,) = ctx.saved_tensors
     if grad_x_perm is None or not ctx.needs_input_grad[0]:
-        return (None,) * 6
+        return (None,) * 7
     grad_x = _backward_op(dispatch_backward, ctx.backend, order)(grad_x_perm, order, ctx.k, ctx.num_tokens,
                                                                  ctx.backend)
-    return (grad_x,) + (None,) * 5
+    return (grad_x,) + (None,) * 6
 
 
 _register_autograd(dispatch, _dispatch_backward, _dispatch_setup)

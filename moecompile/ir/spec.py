@@ -54,6 +54,40 @@ class CapacitySpec:
 
 
 @dataclass(frozen=True)
+class RoutingOverride:
+    """What `optimize(capacity_factor=, batch_prioritized=)` and `set_routing()` change in a block's routing.
+
+    `capacity_factor` x replaces the block's capacity (its `CapacitySpec.capacity`; a dropless block gets
+    one) by Tutel's rule, per capacity group of G tokens (the block's own groups, else all of a call's tokens:
+    under expert parallelism, a rank's): x > 0: C = ⌈k·x·G/E⌉; x = 0: the smallest C that drops nothing in
+    this call, the largest per-expert count of any group; x < 0: that, capped at ⌈k·|x|·G/E⌉. Under expert
+    parallelism the ranks agree on the largest C (the exchange is a fixed [E, C, D] buffer). None keeps the
+    block's own capacity, or none. What a dropped slot contributes stays the block's (`dropped`).
+    `batch_prioritized` (V-MoE, Tutel): within a group, slots are kept in order of their token's importance,
+    its largest router score (descending; ties in token order), instead of token order."""
+    capacity_factor: float | None = None
+    batch_prioritized: bool = False
+
+
+@dataclass
+class DropStats:
+    """Token-slots (token, expert choice) a block routed and its capacity dropped: summed over the calls with
+    gradients enabled (training), and for the last call, with the capacity (per group) it used. Counts of
+    eager calls, on this rank; traced calls (export, torch.compile) are not counted."""
+    routed: int = 0
+    dropped: int = 0
+    last_routed: int = 0
+    last_dropped: int = 0
+    last_capacity: int | None = None
+
+    def record(self, routed: int, kept: int, capacity: int, training: bool) -> None:
+        self.last_routed, self.last_dropped, self.last_capacity = routed, routed - kept, capacity
+        if training:
+            self.routed += routed
+            self.dropped += routed - kept
+
+
+@dataclass(frozen=True)
 class WeightRef:
     """A view of one original parameter: `param[index]`, then the last two dims swapped if `transpose`.
 
@@ -108,7 +142,9 @@ class MoESpec:
     weights: ExpertWeights
     router_bias: WeightRef | None = None
     score_bias: WeightRef | None = None
-    capacity: CapacitySpec | None = None
+    capacity: CapacitySpec | None = None         # the block's own (None: dropless)
+    routing: RoutingOverride = RoutingOverride()  # what the user set over it
+    drops: DropStats = field(default_factory=DropStats)
     shared: str | None = None
     shared_gate: WeightRef | None = None
     shared_gate_bias: WeightRef | None = None

@@ -37,18 +37,21 @@ def route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n
     return weights, indices, counts
 
 
-def slot_order(indices, num_experts, capacity, group_size):
+def slot_order(indices, num_experts, capacity, group_size, priority=None):
     """Kept (token, slot) ids t·k+j sorted expert-major, token order within an expert; and kept counts [E].
 
     With a capacity, an expert keeps at most `capacity` slots per group of `group_size` tokens, in
-    token-major slot order; the rest are dropped."""
+    token-major slot order, or with `priority` [T] (batch-prioritized routing) in order of the tokens'
+    priority, descending (ties in token order; a token's slots in slot order); the rest are dropped."""
     T, k = indices.shape
     flat = indices.flatten()                                                            # [T·k]
     if capacity >= 0:
         tokens_per_group = group_size if group_size > 0 else T
-        onehot = F.one_hot(flat, num_experts).view(-1, tokens_per_group * k, num_experts)  # [G, Sg·k, E]
-        rank = (onehot.cumsum(1) * onehot).sum(-1).flatten() - 1                       # [T·k]
-        kept = rank < capacity
+        taken = (torch.arange(T * k, device=flat.device) if priority is None else
+                 priority_slots(priority, k, tokens_per_group))                        # [T·k] in taking order
+        onehot = F.one_hot(flat[taken], num_experts).view(-1, tokens_per_group * k, num_experts)  # [G, Sg·k, E]
+        rank = torch.empty_like(flat).index_copy_(0, taken, (onehot.cumsum(1) * onehot).sum(-1).flatten() - 1)
+        kept = rank < capacity                                                          # [T·k]
     else:
         kept = torch.ones_like(flat, dtype=torch.bool)
     key = torch.where(kept, flat, num_experts)  # dropped slots sort last
@@ -57,9 +60,17 @@ def slot_order(indices, num_experts, capacity, group_size):
     return order, counts
 
 
-def dispatch(x, indices, num_experts, capacity, group_size):
+def priority_slots(priority, k, tokens_per_group):
+    """Slot ids t·k+j in the order batch-prioritized routing takes them: group by group, tokens by priority
+    [T] descending (ties in token order), a token's k slots in slot order → [T·k]."""
+    by_priority = (-priority).argsort(stable=True)                                      # [T]
+    tokens = by_priority[(by_priority // tokens_per_group).argsort(stable=True)]        # [T] within groups
+    return (tokens.unsqueeze(1) * k + torch.arange(k, device=tokens.device)).flatten()
+
+
+def dispatch(x, indices, num_experts, capacity, group_size, priority=None):
     """x [T, D] → x_perm [N, D] (tokens in expert-major order), order [N], counts [E]."""
-    order, counts = slot_order(indices, num_experts, capacity, group_size)
+    order, counts = slot_order(indices, num_experts, capacity, group_size, priority)
     return x[order // indices.shape[1]], order, counts
 
 

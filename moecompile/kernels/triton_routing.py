@@ -333,10 +333,15 @@ def _launch_sort(geometry, x, indices, E, capacity, hist, rank_base, dest_base, 
         HISTOGRAM=histogram, BLOCK_S=_BLOCK_S, BLOCK_E=triton.next_power_of_2(E), BLOCK_D=_block_d(x.shape[1]))
 
 
-def dispatch(x, indices, num_experts, capacity, group_size):
+def dispatch(x, indices, num_experts, capacity, group_size, priority=None):
     """x [T, D] → x_perm [N, D] expert-major, order [N] int64 slot ids, counts [E] int64 kept slots, as
     reference.dispatch. Checks the expert ids on the host (one sync, like the reference's bincount); with
-    a capacity, sizing x_perm reads N back too (dropless, N = T·k is known from the shapes)."""
+    a capacity, sizing x_perm reads N back too (dropless, N = T·k is known from the shapes). Batch-
+    prioritized routing (a capacity and a `priority`) runs reference.dispatch: the counting sort ranks
+    slots in slot order only."""
+    if priority is not None and capacity >= 0:
+        from moecompile.kernels import reference
+        return reference.dispatch(x, indices, num_experts, capacity, group_size, priority)
     _check_dispatch(x, indices, num_experts, capacity, group_size)
     T, k = indices.shape
     E = num_experts

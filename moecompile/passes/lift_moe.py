@@ -3,7 +3,8 @@
 Contract:   for every Site from find_moe, the innermost enclosing module whose recorded graph reads as an
             MoE (frontend/analyze.py) gets `forward = run_moe(spec, ...)` and is listed in `ctx.lifted` for
             the validate pass (which undoes any rewrite that fails); every other site is reported with the
-            reason it was left alone.
+            reason it was left alone. The rewrite runs with optimize()'s routing options over the block's
+            own (`spec.routing`: capacity_factor, batch_prioritized; validate checks both).
 Invariants: parameters are the original `Parameter` objects (views taken per call), module names and
             state_dict keys are unchanged; no exception from analysis escapes: it becomes a reason.
 Pseudo-code:
@@ -24,6 +25,7 @@ import torch
 from moecompile.frontend.analyze import Unsupported, analyze
 from moecompile.frontend.capture import Site, record
 from moecompile.ir.lowering import run_moe
+from moecompile.ir.spec import RoutingOverride
 from moecompile.passes.registry import CompileContext, Lifted, register_pass
 from moecompile.report import MoELayer
 
@@ -98,6 +100,7 @@ def _install(ctx, name, block, spec, args, kwargs) -> MoELayer:
     def lifted(self, x, *rest, **kw):
         return run_moe(spec, self, x)
 
+    spec.routing = RoutingOverride(ctx.options.capacity_factor, ctx.options.batch_prioritized)
     ctx.lifted.append(Lifted(layer, block, block.forward, args, kwargs))
     block.forward = types.MethodType(lifted, block)
     layer.rewritten = True

@@ -19,9 +19,14 @@ class Options:
     mesh: object = None            # DeviceMesh whose "ep" dimension shards the experts (None: one process)
     placement: tuple | None = None # experts per ep rank (None: even)
     overlap: object = "off"        # "off", "auto" (cost model), or a pipelining degree (int)
+    all_to_all: str = "auto"       # "auto" (cost model, per layer), "linear" or "2dh" (hierarchical, multi-node)
+    ranks_per_node: int | None = None  # consecutive ep ranks sharing a node, for "2dh" (None: one node)
+    parallelism: str = "ep"        # "ep": experts sharded whole; "adaptive": Tutel's layout, r switchable per step
     shortcut: str | None = None    # "scmoe" | "dgmoe": shortcut-connected MoE blocks (an architecture change)
     num_experts: int | None = None # with shortcut="scmoe" on a dense model: upcycle to this many experts
     upcycle_noise: float = 0.0     # relative std of the noise added to each upcycled expert's copy
+    capacity_factor: float | None = None  # Tutel's capacity factor for every block (None: each block's own)
+    batch_prioritized: bool = False       # keep slots by token importance when a capacity drops (V-MoE BPR)
 
 
 @dataclass
@@ -49,7 +54,7 @@ class CompileContext:
 PASSES: dict[str, Callable[[CompileContext], None]] = {}
 PIPELINES: dict[str, list[str]] = {
     "default": ["find_moe", "lift_moe", "select_kernels", "validate", "shortcut", "expert_parallel",
-                "schedule_overlap"],
+                "schedule_overlap", "adaptive_table"],
     "none": [],
 }
 

@@ -12,14 +12,19 @@ Contract:   for every block with `spec.parallel` (set by expert_parallel), sets 
             its rows where its input appears, before the block (lowering.begin_routed): its exchange overlaps
             the model's own computation, which this per-layer model does not see, so it is not re-tuned;
             instead its experts' slot (at the block, or early, when the block starts) is chosen from the
-            measured windows (`_choose_slot`, the paper's adaptive operator placement).
+            measured windows (`_choose_slot`, the paper's adaptive operator placement). On a multi-node
+            mesh (`parallel.hierarchy`, set by expert_parallel) it also sets `parallel.algorithm`, the
+            all-to-all: options.all_to_all when forced, with "auto" the faster of "linear" and "2dh" by
+            cost_model.all_to_all_seconds at the chosen degree's message size (`AllToAllCost`).
 Invariants: changes no result (every n and every dependency-respecting order compute the same function:
             runtime/expert_parallel.py); identical on every rank (the inputs are the recorded token count,
             the spec, and rates that measure_link makes the same on all ranks), as the collectives require.
 Pseudo-code:
     link = measure_link(ep group)                              # latency and bandwidth, at start-up
+           (multi-node: intra-node, inter-node and stride-copy rates, Hierarchy.rates)
     for layer, for n in candidates:
         send = link.transfer(bytes this rank sends / n)         # rows · D · elem · (ep-1)/ep
+           (multi-node: the allowed algorithm predicted fastest for rows · D · elem / n)
         experts = measured (fwd, bwd) time of the expert FFN on rows·ep/(E·n) rows per local expert (cached)
         costs = max over the ep group (every rank must choose the same n)
         dag(n): send_c (link) → experts_c (compute) → return_c (link), c < n     [networkx DiGraph]
@@ -40,8 +45,10 @@ import torch.distributed as dist
 
 from moecompile.passes.registry import CompileContext, register_pass
 from moecompile.ir.lowering import capacity_rows, expert_ffn, expert_weights
-from moecompile.runtime.cost_model import LinkRates, measure_link, measured_s
-from moecompile.runtime.expert_parallel import Tuner
+from moecompile.runtime.cost_model import (ALL_TO_ALL_ALGORITHMS, LinkRates, all_to_all_seconds, best_all_to_all,
+                                           measure_link, measured_s)
+from moecompile.runtime.adaptive import AdaptiveExperts
+from moecompile.runtime.expert_parallel import ExpertParallel, Tuner
 
 CANDIDATES = (1, 2, 4, 8)
 TRIAL_SLACK = 1.25  # "auto" tries the degrees predicted within 25% of the best (at most 3, and 1)
@@ -68,6 +75,7 @@ class Schedule:
     comm_s: float                          # all-to-all time of forward + backward, unhidden
     compute_s: float                       # expert computation of forward + backward
     note: str = ""                         # a shortcut block's slot choice
+    all_to_all: str = ""                   # multi-node: the algorithm chosen and its predictions
 
     @property
     def predicted_total_s(self) -> float:
@@ -81,22 +89,71 @@ class Schedule:
         hidden = 1 - self.exposed_comm_s / self.comm_s if self.comm_s else 1.0
         return (f"pipelining degree {self.chunks}: predicted {self.predicted_total_s * 1e3:.2f} ms fwd+bwd "
                 f"(comm {self.comm_s * 1e3:.2f} ms, {hidden:.0%} hidden; compute {self.compute_s * 1e3:.2f} ms)"
-                + (f"; {self.note}" if self.note else ""))
+                + (f"; {self.note}" if self.note else "") + (f"; {self.all_to_all}" if self.all_to_all else ""))
+
+
+@dataclass
+class AllToAllCost:
+    """Predicted seconds of one all-to-all in which each rank holds `nbytes` of rows, its own share included.
+    One node: the flat exchange over the measured ep link. A hierarchy (multi-node): cost_model's
+    all_to_all_seconds for both algorithms from the measured intra-node, inter-node and copy rates (agreed
+    over the group), the forced algorithm or, with "auto", the faster (best_all_to_all). On one machine the
+    "nodes" are simulated and both rates are loopback: the choice only means something across real nodes."""
+    size: int
+    link: LinkRates | None = None  # one node
+    hierarchy: object = None       # runtime.hierarchical.Hierarchy
+    rates: tuple = ()              # (intra LinkRates, inter LinkRates, copy bytes/s)
+    forced: str | None = None      # "2dh", or None: "auto"
+
+    @staticmethod
+    def measure(ep, option: str) -> "AllToAllCost":
+        """Collective over ep.group: the link (one node) or the node rates (a hierarchy)."""
+        if ep.hierarchy is None:
+            return AllToAllCost(ep.size, link=measure_link(ep.group))
+        return AllToAllCost(ep.size, hierarchy=ep.hierarchy, rates=ep.hierarchy.rates(ep.group),
+                            forced=None if option == "auto" else option)
+
+    def algorithm(self, nbytes: float) -> tuple[str, float]:
+        if self.hierarchy is None:
+            return "linear", self.link.transfer_s(nbytes * (self.size - 1) / self.size)
+        shape = (self.hierarchy.nodes, self.hierarchy.per_node, *self.rates)
+        return (self.forced, all_to_all_seconds(self.forced, nbytes, *shape)) if self.forced else \
+            best_all_to_all(nbytes, *shape)
+
+    def seconds(self, nbytes: float) -> float:
+        return self.algorithm(nbytes)[1]
+
+    def choose(self, spec, nbytes: int, n: int) -> str:
+        """Set a multi-node layer's `parallel.algorithm` for degree n (the largest `nbytes` of the group, so
+        every rank picks the same); what explain() shows of it ("" on one node)."""
+        if self.hierarchy is None:
+            return ""
+        agreed = torch.tensor([float(nbytes)], dtype=torch.float64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=spec.parallel.group)
+        per_chunk, h = agreed.item() / n, self.hierarchy
+        spec.parallel.algorithm = self.algorithm(per_chunk)[0]
+        times = ", ".join(f"{a} {all_to_all_seconds(a, per_chunk, h.nodes, h.per_node, *self.rates) * 1e3:.2f} ms"
+                          for a in ALL_TO_ALL_ALGORITHMS)
+        return (f"all-to-all {spec.parallel.algorithm}{' (forced)' if self.forced else ''} over {h.nodes} nodes × "
+                f"{h.per_node} ranks (predicted per exchange at degree {n}: {times})")
 
 
 @register_pass("schedule_overlap")
 def schedule_overlap(ctx: CompileContext) -> None:
-    layers = [lifted for lifted in ctx.lifted if lifted.layer.spec.parallel is not None]
+    layers = [lifted for lifted in ctx.lifted if isinstance(lifted.layer.spec.parallel, ExpertParallel)]
+    for lifted in ctx.lifted:  # adaptive layers: a fixed degree here; the adaptive table chooses per step
+        if isinstance(lifted.layer.spec.parallel, AdaptiveExperts):
+            lifted.layer.spec.parallel.ep.chunks = ctx.options.overlap if isinstance(ctx.options.overlap, int) else 1
     if not layers:
         return
-    link = measure_link(layers[0].layer.spec.parallel.group)
+    a2a_cost = AllToAllCost.measure(layers[0].layer.spec.parallel, ctx.options.all_to_all)
     windows = _shortcut_windows(ctx, layers)
     overlap = ctx.options.overlap
     candidates = CANDIDATES if overlap == "auto" else (overlap if isinstance(overlap, int) else 1,)
     for lifted in layers:
         spec = lifted.layer.spec
         tokens = lifted.args[0].numel() // spec.hidden
-        send_s, experts_s = layer_costs(spec, lifted.block, tokens, link)
+        send_s, experts_s = layer_costs(spec, lifted.block, tokens, a2a_cost)
         side = _shared_seconds(spec, lifted.block, tokens) if spec.shared is not None else (0.0, 0.0)
         costs = {n: (send_s(n), *experts_s(n), *side) for n in candidates}
         # every rank must choose the same degree (the exchanges are collectives): the slowest rank's costs
@@ -116,7 +173,8 @@ def schedule_overlap(ctx: CompileContext) -> None:
         spec.parallel.order = executor_order(forward[n])
         send, fwd, bwd, side_fwd, side_bwd = costs[n]
         spec.parallel.schedule = Schedule(n, forward[n], backward[n], predicted, comm_s=4 * send * n,
-                                          compute_s=(fwd + bwd) * n + side_fwd + side_bwd, note=note)
+                                          compute_s=(fwd + bwd) * n + side_fwd + side_bwd, note=note,
+                                          all_to_all=a2a_cost.choose(spec, layer_bytes(spec, lifted.block, tokens), n))
         if overlap == "auto" and spec.shortcut is None:  # measured trials among the plausible degrees, and 1
             trials = [c for c in sorted(candidates, key=lambda c: (predicted[c], c))
                       if predicted[c] <= TRIAL_SLACK * predicted[n]][:3]
@@ -179,21 +237,29 @@ def _choose(times: dict[int, float]) -> int:
     return 1 if 1 in times and times[best] > (1 - MIN_GAIN) * times[1] else best
 
 
-def layer_costs(spec, block, tokens: int, link: LinkRates):
+def layer_costs(spec, block, tokens: int, a2a_cost: "AllToAllCost"):
     """(send_s(n), experts_s(n)): one chunk's all-to-all time (either direction) and its forward and
     backward expert times at degree n, for `tokens` tokens per rank and experts loaded evenly."""
     ep = spec.parallel
     w = expert_weights(spec, block)
-    rows = tokens * spec.top_k                                                # rows each rank dispatches
-    if spec.capacity is not None:  # a fixed [E, C, D] buffer, padding included
-        rows = spec.num_experts * capacity_rows(spec.capacity, tokens)
-    link_bytes = rows * spec.hidden * w["w1"][0].element_size() * (ep.size - 1) / ep.size
+    rows = _rows(spec, tokens)
+    nbytes = layer_bytes(spec, block, tokens)
     local = ep.placement.sizes[ep.rank]
 
     def experts_s(n):  # → (forward, backward) seconds of one chunk: rows from every rank for my experts
         per_expert = max(1, rows * ep.size // (spec.num_experts * n))
         return _expert_seconds(spec, w, local, per_expert)
-    return (lambda n: link.transfer_s(link_bytes / n)), experts_s
+    return (lambda n: a2a_cost.seconds(nbytes / n)), experts_s
+
+
+def _rows(spec, tokens: int) -> int:
+    """Rows each rank dispatches: tokens · top-k, or with a capacity the fixed [E, C] buffer, padding included."""
+    return spec.num_experts * capacity_rows(spec.capacity, tokens) if spec.capacity is not None else tokens * spec.top_k
+
+
+def layer_bytes(spec, block, tokens: int) -> int:
+    """Bytes of the rows one rank sends in a layer's exchange, its own share included: [rows, D]."""
+    return _rows(spec, tokens) * spec.hidden * expert_weights(spec, block)["w1"][0].element_size()
 
 
 def _shared_seconds(spec, block, tokens: int) -> tuple[float, float]:

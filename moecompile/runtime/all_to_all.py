@@ -25,20 +25,36 @@ from torch import Tensor
 class Exchange:
     """One all-to-all of rows: rank r sends in_splits[q] rows to each rank q and receives out_splits[q] from
     it (Python ints, or None for equal splits). Holds the work handle between start and wait, both ways.
+    `algorithm` "linear" is one all_to_all_single over `group`; "2dh" the same exchange in Tutel's four
+    hierarchical phases over `hierarchy`'s intra- and inter-node groups (runtime/hierarchical.py), both ways.
     `stats["forward"|"backward"]` accumulates the seconds spent blocked in waits: the exposed communication;
     `stats["backward_begin"|"backward_end"]` mark the first backward launch and the last backward wait."""
 
     def __init__(self, group, in_splits: list[int] | None, out_splits: list[int] | None, rows_out: int,
-                 stats: dict | None = None):
+                 stats: dict | None = None, algorithm: str = "linear", hierarchy=None):
+        if algorithm not in ("linear", "2dh") or (algorithm == "2dh" and hierarchy is None):
+            raise ValueError(f"all-to-all algorithm {algorithm!r}: expected 'linear', or '2dh' with a hierarchy")
         self.group, self.in_splits, self.out_splits, self.rows_out = group, in_splits, out_splits, rows_out
+        self.algorithm, self.hierarchy = algorithm, hierarchy
         self.stats = defaultdict(float) if stats is None else stats
         self.work = self.result = self.sent = None
+        # (list, chunk, forward step, backward step) while a timeline is recorded (ExpertParallel.trace):
+        # finish appends ("link", step, chunk, launched, end), ("issue", step, chunk, launched, issued): the
+        # launch call itself, and ("wait", step, chunk, blocked, end)
+        self.trace, self.launched, self.issued = None, 0.0, 0.0
 
     def launch(self, x: Tensor, rows: int, out_splits, in_splits) -> None:
+        if self.trace is not None:
+            self.launched = time.perf_counter()
         self.sent = x.contiguous()  # kept alive until the transfer completes
         self.result = x.new_empty((rows,) + tuple(x.shape[1:]))
-        self.work = dist.all_to_all_single(self.result, self.sent, out_splits, in_splits, group=self.group,
-                                           async_op=True)
+        if self.algorithm == "2dh":
+            self.work = self.hierarchy.all_to_all_single(self.result, self.sent, out_splits, in_splits)
+        else:
+            self.work = dist.all_to_all_single(self.result, self.sent, out_splits, in_splits, group=self.group,
+                                               async_op=True)
+        if self.trace is not None:
+            self.issued = time.perf_counter()
 
     def finish(self, direction: str) -> Tensor:
         t = time.perf_counter()
@@ -47,6 +63,11 @@ class Exchange:
         self.stats[direction] += now - t
         if direction == "backward":
             self.stats["backward_end"] = now
+        if self.trace is not None:
+            out, chunk, forward_step, backward_step = self.trace
+            step = forward_step if direction == "forward" else backward_step
+            out += [("link", step, chunk, self.launched, now), ("issue", step, chunk, self.launched, self.issued),
+                    ("wait", step, chunk, t, now)]
         result, self.work = self.result, None
         self.result = self.sent = None
         return result

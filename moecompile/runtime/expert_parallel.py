@@ -78,12 +78,19 @@ class ExpertParallel:
     chunks: int = 1
     order: list[tuple[str, int]] | None = None
     schedule: object = None  # passes.schedule_overlap.Schedule: the cost model's predictions, for explain()
+    algorithm: str = "linear"  # of the all-to-alls: "linear" | "2dh" (over `hierarchy`'s node groups)
+    hierarchy: object = None   # runtime.hierarchical.Hierarchy of the ep group (multi-node meshes), or None
     expert_params: list[str] = field(default_factory=list)  # qualified names of the local expert parameters
     # measured at run time: calls, seconds blocked waiting for exchanges ("forward" / "backward": the exposed
     # communication), wall seconds of the exchange region ("region" forward, "backward_region" from the first
     # exchange to the last wait of the backward, counted once the next call begins)
     stats: dict = field(default_factory=lambda: defaultdict(float))
     tuner: "Tuner | None" = None  # re-tunes `chunks` from measured times (overlap="auto")
+    # a list: the calls from now on append (kind, step, chunk, start, end) perf_counter seconds: "compute"
+    # (an experts step after its wait), "link" (an exchange, launch to waited), "issue" (its launch call)
+    # and "wait" (blocked in it): all_to_all.Exchange.trace.
+    # For the measured timeline of `moecompile viz --ranks`; None (off) costs nothing
+    trace: list | None = None
 
     @property
     def local_experts(self) -> range:
@@ -217,9 +224,12 @@ class Flight:
             self.inbound[c] = a2a.start(rows, p.there)
         elif step == "experts":
             got = a2a.wait(self.inbound.pop(c), p.there)                       # [M, D] (source, expert)-major
+            began = time.perf_counter() if self.ep.trace is not None else 0.0
             local = got if p.regroup is None else got.index_select(0, p.regroup)
             y = ffn(local, p.local_counts)
             self.back[c] = a2a.start(y if p.regroup is None else y.index_select(0, p.ungroup), p.back)
+            if self.ep.trace is not None:
+                self.ep.trace.append(("compute", "experts", c, began, time.perf_counter()))
         elif step == "collect":
             self.results[c] = a2a.wait(self.back.pop(c), p.back)
         else:
@@ -263,8 +273,11 @@ class _ChunkPlan:
         in_splits = [0] * ep.size
         for e, k in enumerate(sent):
             in_splits[owners[e]] += k
-        self.there = a2a.Exchange(ep.group, in_splits, out_splits, sum(out_splits), ep.stats)
-        self.back = a2a.Exchange(ep.group, out_splits, in_splits, sum(in_splits), ep.stats)
+        how = ep.algorithm, ep.hierarchy
+        self.there = a2a.Exchange(ep.group, in_splits, out_splits, sum(out_splits), ep.stats, *how)
+        self.back = a2a.Exchange(ep.group, out_splits, in_splits, sum(in_splits), ep.stats, *how)
+        if ep.trace is not None:  # each exchange's role: backward, the gradients travel the other way
+            self.there.trace, self.back.trace = (ep.trace, c, "send", "return"), (ep.trace, c, "return", "send")
         self.local_counts = torch.tensor([sum(row[e] for row in got) for e in range(mine)], dtype=torch.int64,
                                          device=device)
         self.rows = None if n == 1 else _segments([x * c // n for x in send], sent, _starts(send), device)

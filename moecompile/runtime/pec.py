@@ -66,6 +66,9 @@ class StateMap:
         state = StateMap(model, optimizer)
         for layer in layers:
             spec, prefix = layer.spec, layer.name + "." if layer.name else ""
+            if getattr(getattr(spec.parallel, "layout", None), "shards", 1) > 1:
+                raise ValueError(f"PECCheckpointer: {layer.name} holds slices of its experts (adaptive parallelism "
+                                 "over more ranks than experts); partial expert checkpoints need whole experts")
             local = spec.parallel.local_experts if spec.parallel is not None else range(spec.num_experts)
             state.layers[layer.name] = spec.num_experts
             state.local[layer.name] = local

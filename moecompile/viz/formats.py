@@ -12,7 +12,7 @@ import subprocess
 from collections import Counter
 
 from moecompile.viz.graph import Capture, Node, Stage, same_changes
-from moecompile.viz.schedule import schedule_lines
+from moecompile.viz.schedule import measured_lines, schedule_lines
 
 
 class GraphvizMissing(RuntimeError):
@@ -60,6 +60,7 @@ def to_text(capture: Capture) -> str:
         lines += schedule_lines(block, schedule)
     if not capture.schedules:
         lines.append("no expert-parallel schedule (the model was not optimized with a device mesh)")
+    lines += measured_lines(capture.measured) if capture.measured else []
     return "\n".join(lines) + "\n"
 
 

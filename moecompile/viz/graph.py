@@ -18,6 +18,7 @@ import moecompile
 from moecompile.passes.registry import PASSES, PIPELINES, register_pass
 from moecompile.passes.schedule_overlap import Schedule
 from moecompile.report import Report
+from moecompile.viz.measure import Measured
 from moecompile.viz.targets import Target
 
 SNAPSHOT = "viz:snapshot"
@@ -58,6 +59,7 @@ class Capture:
     blocks: list[MoEBlock]
     schedules: dict[str, Schedule]  # block name → its expert-parallel schedule (only under a mesh)
     report: Report | None           # None for a .pt2 file
+    measured: Measured | None = None  # a measured expert-parallel run (viz --ranks): its ranks' timelines
 
 
 def capture(target: Target) -> Capture:

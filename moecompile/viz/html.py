@@ -2,7 +2,8 @@
 
 The page: a button per stage (the input and each pass), the graph of the chosen stage as groups by module
 path (collapsed to the layers; a group's rows are made when it is first opened), what the pass changed,
-the MoE blocks, and each expert-parallel layer's schedule as a timeline (or a note that there is none).
+the MoE blocks, and each expert-parallel layer's schedule as a timeline (or a note that there is none): the
+cost model's prediction and, from `viz --ranks`, each rank's measured lanes of the last training step.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 
 from moecompile.viz.graph import Capture, same_changes
 from moecompile.viz.page_js import SCRIPT
-from moecompile.viz.schedule import schedule_data
+from moecompile.viz.schedule import measured_data, measured_title, schedule_data
 
 
 def page_data(capture: Capture) -> dict:
@@ -33,7 +34,9 @@ def page_data(capture: Capture) -> dict:
     return {"target": capture.target, "namespaces": namespaces, "stages": stages,
             "blocks": [{"name": b.name, "namespace": b.name.replace(".", "/"), "rewritten": b.rewritten,
                         "details": b.details} for b in capture.blocks],
-            "schedules": [schedule_data(block, s) for block, s in capture.schedules.items()]}
+            "schedules": [schedule_data(block, s) for block, s in capture.schedules.items()],
+            "measured": measured_data(capture.measured) if capture.measured else None,
+            "measured_run": measured_title(capture.measured) if capture.measured else ""}
 
 
 def to_html(capture: Capture) -> str:
@@ -84,6 +87,9 @@ pre.error { white-space: pre-wrap; color: #b71c1c; }
 .timeline text { font-size: 11px; } .timeline .phase { font-weight: 600; }
 .slot { stroke: #fff; } .slot.send, .slot.return { fill: #4fc3f7; } .slot.experts { fill: #81c784; } .slot.side { fill: #4db6ac; }
 .exposed { fill: #e53935; fill-opacity: .25; stroke: #e53935; } .exposed-label { fill: #c62828; font-size: 10px; }
+.timeline.measured .lane { font-size: 10px; } .issue { fill: #01579b; }
+.measured-table { border-collapse: collapse; font-size: 12px; } .measured-table td, .measured-table th { padding: 1px 6px; }
+h4 { font-size: 12px; margin: 6px 0 2px; color: #37474f; }
 .axis { stroke: #90a4ae; } .note { color: #546e7a; }
 """
 
@@ -103,7 +109,7 @@ PAGE = """<!DOCTYPE html>
         <span class="canonical">canonical moecompile op</span>
         <span class="comm">communication (all-to-all / wait)</span>
         <span style="color:#90a4ae">parameter / buffer</span>
-        <span class="exposed-key" style="background:#ffcdd2">exposed communication (schedule)</span></div>
+        <span class="exposed-key" style="background:#ffcdd2">exposed communication (schedule: predicted or measured waits)</span></div>
       <div id="tree"></div>
     </section>
   </div>

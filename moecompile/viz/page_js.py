@@ -1,7 +1,9 @@
-"""The page's script (html.py embeds it): pass selector, lazily built module tree, diff panel, schedule SVG.
+"""The page's script (html.py embeds it): pass selector, lazily built module tree, diff panel, schedule SVGs
+(predicted, and measured per rank when the page has a measured run).
 
 Opened with #selftest in the URL, the page clicks through every stage, checks that each click shows that
-stage, expands every group, and writes the outcome and its timings into <pre id="selftest">.
+stage, expands every group, checks that every measured slot and wait was drawn in its rank's lanes, and
+writes the outcome and its timings into <pre id="selftest">.
 """
 
 SCRIPT = r"""
@@ -149,9 +151,8 @@ function svg(tag, attrs, text) {
   return e;
 }
 
-function timeline(s) {
-  const W = 640, left = 60, lane = {link: 18, compute: 44}, phaseH = 100;
-  const span = Math.max(...s.phases.map(p => p.makespan)) || 1, x = t => left + (W - left - 10) * t / span;
+function timeline(s, span) {
+  const W = 640, left = 60, lane = {link: 18, compute: 44}, phaseH = 100, x = t => left + (W - left - 10) * t / span;
   const root = svg("svg", {viewBox: `0 0 ${W} ${phaseH * s.phases.length}`, width: "100%", class: "timeline"});
   s.phases.forEach((p, k) => {
     const g = svg("g", {transform: `translate(0 ${k * phaseH})`});
@@ -175,6 +176,73 @@ function timeline(s) {
   return root;
 }
 
+// One pair of lanes (link, compute) per rank. Exchanges in flight together share the link lane in rows; the
+// rank's waits (exposed communication, red) span the lane, its launch calls are the dark strip below it.
+function measuredTimeline(m, span) {
+  const W = 640, left = 90, laneH = 24, head = 18, rankH = 2 * laneH + 8, x = t => left + (W - left - 10) * t / span;
+  const phaseH = head + rankH * m.phases[0].ranks.length + 26;
+  const root = svg("svg", {viewBox: `0 0 ${W} ${phaseH * m.phases.length}`, width: "100%", class: "timeline measured"});
+  m.phases.forEach((p, k) => {
+    const g = svg("g", {transform: `translate(0 ${k * phaseH})`}), bottom = head + rankH * p.ranks.length;
+    g.append(svg("text", {x: 0, y: 10, class: "phase"}, `${p.name}: measured ${p.makespan.toFixed(3)} ms, predicted ` +
+      `${p.predicted.toFixed(3)} ms; blocked in waits ` + p.ranks.map(r => `rank ${r.rank} ${r.exposed_ms.toFixed(3)} ms`).join(", ")));
+    p.ranks.forEach((r, i) => {
+      const lane = {link: head + i * rankH, compute: head + i * rankH + laneH + 4}, rowEnds = [];
+      const links = r.slots.filter(s => s.lane === "link").sort((a, b) => a.start - b.start);
+      const row = new Map(links.map(s => {  // the first row free at the slot's start
+        let j = rowEnds.findIndex(end => end <= s.start);
+        if (j < 0) j = rowEnds.push(0) - 1;
+        rowEnds[j] = s.end;
+        return [s, j];
+      }));
+      const rowH = (laneH - 4) / Math.max(1, rowEnds.length);
+      for (const [name, y] of Object.entries(lane)) g.append(svg("text", {x: 0, y: y + 15, class: "lane"}, `rank ${r.rank} ${name}`));
+      for (const slot of r.slots) {
+        const y = slot.lane === "link" ? lane.link + 2 + row.get(slot) * rowH : lane.compute + 2;
+        const w = Math.max(1, x(slot.end) - x(slot.start)), h = slot.lane === "link" ? rowH : laneH - 4;
+        const rect = svg("rect", {x: x(slot.start), y, width: w, height: h, class: "slot measured " + slot.step});
+        rect.append(svg("title", {}, `rank ${r.rank} ${slot.step} ${slot.chunk}: ${slot.start.toFixed(3)}–${slot.end.toFixed(3)} ms`));
+        g.append(rect);
+        if (w > 40 && h >= 10) g.append(svg("text", {x: x(slot.start) + 3, y: y + Math.min(h, 14) - 2, class: "slot-label"}, slot.step + slot.chunk));
+      }
+      const marks = [["exposed", r.exposed, "blocked in a wait", lane.link, laneH], ["issue", r.issue, "inside a launch call", lane.link + laneH, 3]];
+      for (const [cls, spans, what, y, h] of marks) for (const [a, b] of spans) {
+        const rect = svg("rect", {x: x(a), y, width: Math.max(1, x(b) - x(a)), height: h, class: cls + " measured"});
+        rect.append(svg("title", {}, `rank ${r.rank} ${what}: ${a.toFixed(3)}–${b.toFixed(3)} ms`));
+        g.append(rect);
+      }
+    });
+    g.append(svg("line", {x1: left, x2: W - 10, y1: bottom + 2, y2: bottom + 2, class: "axis"}),
+             svg("text", {x: left, y: bottom + 14, class: "tick"}, "0"),
+             svg("text", {x: W - 60, y: bottom + 14, class: "tick"}, span.toFixed(3) + " ms"));
+    root.append(g);
+  });
+  return root;
+}
+
+// Per phase and rank, ms: blocked in waits, link busy while no expert computes (the predicted figure's
+// measure), inside launch calls, and the exchanges' spans summed (they overlap when pipelined).
+function measuredTable(m) {
+  const cells = (tag, values) => el("tr", "", ...values.map(v => el(tag, "", v)));
+  const table = el("table", "measured-table", cells("th", ["phase", "rank", "waits", "link, no compute", "launch calls", "exchanges (sum)"]));
+  for (const p of m.phases) for (const r of p.ranks)
+    table.append(cells("td", [p.name, String(r.rank), ...[r.exposed_ms, r.idle_ms, r.issue_ms, r.link_ms].map(v => v.toFixed(3))]));
+  return table;
+}
+
+function renderSchedule(s) {
+  const m = (D.measured || []).find(l => l.block === s.block), phases = m ? [...s.phases, ...m.phases] : s.phases;
+  const span = Math.max(...phases.map(p => p.makespan)) || 1, box = el("div", "layer-schedule");
+  box.append(el("h3", "", s.block), el("p", "summary", s.summary));
+  if (!m) return box.append(timeline(s, span)), box;
+  const total = ps => ps.reduce((t, p) => t + p.makespan, 0).toFixed(3);
+  box.append(el("h4", "", `predicted (cost model): ${total(s.phases)} ms fwd+bwd`), timeline(s, span),
+             el("h4", "", `measured: ${total(m.phases)} ms fwd+bwd at degree ${m.chunks} ` +
+                "(red: the rank blocked in a wait; dark strip: inside an exchange's launch call)"),
+             ...(m.tuning ? [el("p", "note", m.tuning)] : []), measuredTimeline(m, span), measuredTable(m));
+  return box;
+}
+
 function renderStatic() {
   const nav = document.getElementById("passes");
   D.stages.forEach((s, i) => {
@@ -194,7 +262,8 @@ function renderStatic() {
   const sched = document.getElementById("schedule");
   if (!D.schedules.length) sched.append(el("p", "note", "No expert-parallel schedule for this model: schedules are " +
     "made only under expert parallelism (optimize(..., mesh=...) on a device mesh with an \"ep\" dimension)."));
-  for (const s of D.schedules) sched.append(el("h3", "", s.block), el("p", "summary", s.summary), timeline(s));
+  if (D.measured_run) sched.append(el("p", "note", D.measured_run));
+  for (const s of D.schedules) sched.append(renderSchedule(s));
   document.getElementById("expand-all").addEventListener("click", () => setAll(true));
   document.getElementById("collapse-all").addEventListener("click", () => { opened.clear(); renderTree(); });
   document.addEventListener("keydown", e => {
@@ -227,13 +296,31 @@ function selftest(renderMs) {
     problems.push("no moecompile op row after expand all");
   opened.clear();
   renderTree();
+  const measured = measuredDrawn(problems);
   problems.unshift(...ERRORS);  // uncaught errors, from loading the page or from the clicks above
   const result = problems.length ? "FAIL " + problems.join("; ") :
     `ok stages=${D.stages.length} nodes=${D.stages.map(s => s.nodes ? s.nodes.length : 0).join(",")} ` +
     `render_ms=${renderMs.toFixed(1)} switch_max_ms=${Math.max(...switchMs).toFixed(1)} ` +
-    `expand_all_ms=${expandMs.toFixed(1)} expanded_rows=${rows}`;
+    `expand_all_ms=${expandMs.toFixed(1)} expanded_rows=${rows}` + measured;
   document.body.append(el("pre", "", result));
   document.body.lastChild.id = "selftest";
+}
+
+// Every measured slot and wait drawn, in lanes labelled for every rank; " measured_slots=N waits=M", or "".
+function measuredDrawn(problems) {
+  if (!D.measured) return "";
+  const ranks = D.measured.flatMap(l => l.phases.flatMap(p => p.ranks));
+  const want = ranks.reduce((n, r) => n + r.slots.length, 0);
+  const waits = ranks.reduce((n, r) => n + r.exposed.length, 0), issues = ranks.reduce((n, r) => n + r.issue.length, 0);
+  const drawn = document.querySelectorAll("#schedule svg.measured rect.slot.measured").length;
+  const marked = document.querySelectorAll("#schedule svg.measured rect.exposed.measured").length;
+  const lanes = document.querySelectorAll("#schedule svg.measured text.lane").length;
+  if (!want || drawn !== want) problems.push(`measured lanes: ${drawn} of ${want} slots drawn`);
+  if (marked !== waits) problems.push(`measured lanes: ${marked} of ${waits} waits marked`);
+  const launches = document.querySelectorAll("#schedule svg.measured rect.issue.measured").length;
+  if (launches !== issues) problems.push(`measured lanes: ${launches} of ${issues} launch calls marked`);
+  if (lanes !== 2 * ranks.length) problems.push(`measured lanes: ${lanes} lane labels for ${ranks.length} rank phases`);
+  return ` measured_slots=${drawn} waits=${marked}`;
 }
 
 try {
