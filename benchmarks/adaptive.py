@@ -12,11 +12,14 @@ rank computes nearly all the rows while the other waits; under DP each rank comp
 balanced ones again (the table's entry for that bucket is reused: no new trials). A step is forward +
 backward of the output's mean (no optimizer); the variants run in turns, step by step.
 
-Link rate: set so that one step's weight all-gather + reduce-scatter (what DP sends) takes as long as a
-long balanced EP step on the unlimited link, measured first.
+Links: one run per rate in DP_SHARES, each set so that one step's weight all-gather + reduce-scatter (what DP
+sends) takes that share of a long balanced EP step on the unlimited link, measured first. At 100% DP's
+transfer alone costs a whole step and EP should win every phase; the lower the share, the more a skewed
+phase favours DP.
 
-Reported per phase and variant: median step time (the slowest rank's); over the run, the total time, and the
-adaptive one's ratio to the best and to the worst static choice (targets: >= 1.0 and >= 1.2).
+Reported per link, phase and variant: median step time (the slowest rank's); over the run, the total time, and
+the adaptive one's ratio to the best and to the worst static choice (targets: >= 1.0 and >= 1.2). --quick: the
+smaller model, the 40% link only.
 Run: python benchmarks/adaptive.py [--quick]   (as root for the rate-limited link)
 Results: a table on stdout and benchmarks/results/adaptive.json (adaptive_quick.json with --quick).
 """
@@ -38,7 +41,8 @@ CONFIG = dict(d_model=256, d_ff=512, num_experts=8, top_k=2)
 LAYERS, HOT = 2, 0.9
 PHASES = (("short, balanced", 512, 0.0), ("long, skewed", 2048, HOT), ("short, balanced", 512, 0.0))
 VARIANTS = {"DP r=0": (0, 1), "EP r=1": (1, 1), "EP r=1 d=2": (1, 2), "adaptive": None}  # (r, degree)
-STEPS, QUICK_STEPS = 16, 8
+DP_SHARES = (1.0, 0.4, 0.2)
+STEPS, QUICK_STEPS = 32, 8
 QUICK = dict(CONFIG, d_model=128, d_ff=256)
 PORT = 29617
 
@@ -116,38 +120,49 @@ def main():
     if args.worker:
         return worker(args)
     steps = QUICK_STEPS if args.quick else args.steps
+    shares = DP_SHARES[1:2] if args.quick else DP_SHARES
     why_not = netns_available()
+    runs = []
     with two_namespaces(why_not is None), progress() as bar:
-        task = bar.add_task("calibrate, then run", total=2)
+        task = bar.add_task("calibrate, then one run per link", total=1 + (len(shares) if why_not is None else 1))
         base = launch(["EP r=1"], 4, args.quick, why_not is None, calibrate=True)
         long_ep_s = median(base["EP r=1"]["step_ms"][0]) / 1e3
-        rate = base["weight_bytes_per_step"] / long_ep_s
-        if why_not is None:
-            net_rate(rate)
         bar.advance(task)
-        result = launch(list(VARIANTS), steps, args.quick, why_not is None)
-        bar.advance(task)
+        for share in shares if why_not is None else (None,):
+            rate = base["weight_bytes_per_step"] / (share * long_ep_s) if share else None
+            if rate is not None:
+                net_rate(rate)
+            runs.append(_summary(share, rate, launch(list(VARIANTS), steps, args.quick, why_not is None), why_not))
+            bar.advance(task)
+    from rich.console import Console
+    rows = [[run["link"], v, *(f"{median(p):.1f}" for p in run["variants"][v]["step_ms"]),
+             f"{run['totals_ms'][v]:.0f}", f"{run['totals_ms'][run['best_static']] / run['totals_ms'][v]:.2f}x"]
+            for run in runs for v in VARIANTS]
+    Console(width=170).print(table(
+        f"adaptive parallelism while the load shifts: 2 ranks, {LAYERS} MoE layers",
+        ["link (DP's weight traffic / long EP step)", "variant",
+         *(f"{name} ({tokens} tok) ms" for name, tokens, _ in PHASES), "total ms", "vs best static"],
+        rows, caption=f"median step (fwd+bwd, slowest rank) per phase, {steps} steps each; total: every step, "
+                      "trials included. Adaptive tables: " + " || ".join(
+                          f"{run['link']}: " + " | ".join(run["variants"]["adaptive"]["table"]) for run in runs)))
+    for run in runs:
+        print(run["link"], {k: round(run[k], 3) if isinstance(run[k], float) else run[k] for k in
+                            ("adaptive_vs_best_static", "best_static", "worst_over_adaptive", "worst_static")})
+    path = write_json(RESULTS_DIR / ("adaptive_quick.json" if args.quick else "adaptive.json"),
+                      {"machine": machine_info(), "config": QUICK if args.quick else CONFIG, "layers": LAYERS,
+                       "phases": PHASES, "steps_per_phase": steps, "netns": why_not or "yes", "runs": runs})
+    print(f"wrote {path}")
+
+
+def _summary(share, rate, result, why_not) -> dict:
     totals = {v: sum(map(sum, result[v]["step_ms"])) for v in VARIANTS}
     static = {v: t for v, t in totals.items() if VARIANTS[v] is not None}
     best, worst = min(static, key=static.get), max(static, key=static.get)
-    rows = [[v, *(f"{median(p):.1f}" for p in result[v]["step_ms"]), f"{totals[v]:.0f}",
-             f"{static[best] / totals[v]:.2f}x"] for v in VARIANTS]
-    from rich.console import Console
-    link = f"{rate * 8 / 1e6:.0f} Mbit/s" if why_not is None else f"loopback ({why_not})"
-    Console(width=150).print(table(
-        f"adaptive parallelism while the load shifts: 2 ranks, {LAYERS} MoE layers, link {link}",
-        ["variant", *(f"{name} ({tokens} tok) ms" for name, tokens, _ in PHASES), "total ms", "vs best static"],
-        rows, caption=f"median step (fwd+bwd, slowest rank) per phase, {steps} steps each; total: every step, "
-                      f"trials included. Adaptive tables: " + " | ".join(result["adaptive"]["table"])))
-    summary = {"adaptive_vs_best_static": static[best] / totals["adaptive"], "best_static": best,
-               "worst_over_adaptive": static[worst] / totals["adaptive"], "worst_static": worst}
-    print({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()})
-    path = write_json(RESULTS_DIR / ("adaptive_quick.json" if args.quick else "adaptive.json"),
-                      {"machine": machine_info(), "config": QUICK if args.quick else CONFIG, "layers": LAYERS,
-                       "phases": PHASES, "steps_per_phase": steps, "link": link, "link_Bps": rate,
-                       "netns": why_not or "yes", "variants": {v: result[v] for v in VARIANTS},
-                       "totals_ms": totals, **summary})
-    print(f"wrote {path}")
+    link = f"{rate * 8 / 1e6:.0f} Mbit/s ({share:.0%})" if rate else f"loopback ({why_not})"
+    return {"link": link, "link_Bps": rate, "dp_share": share, "variants": {v: result[v] for v in VARIANTS},
+            "totals_ms": totals, "best_static": best, "worst_static": worst,
+            "adaptive_vs_best_static": static[best] / totals["adaptive"],
+            "worst_over_adaptive": static[worst] / totals["adaptive"]}
 
 
 if __name__ == "__main__":
