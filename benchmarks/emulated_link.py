@@ -9,6 +9,7 @@ root; without it a benchmark runs its ranks over loopback and says why (`netns_a
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -74,6 +75,13 @@ def net_rate(bytes_per_s: float | None):
 def _down():
     for r in (0, 1):
         subprocess.run(["ip", "netns", "del", f"{NS}{r}"], capture_output=True)
+
+
+def worker_args(parser, variants) -> None:
+    """The hidden arguments `launch` passes to a benchmark's own ranks: --worker, --out, --variants."""
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default=",".join(variants), help=argparse.SUPPRESS)
 
 
 def launch(script: str, worker_args: list[str], port: int, namespaces: bool) -> dict:

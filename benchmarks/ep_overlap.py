@@ -164,9 +164,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller model, 3 steps")
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=argparse.SUPPRESS)
+    emulated_link.worker_args(parser, VARIANTS)
     args = parser.parse_args()
     stable_malloc()
     if args.worker:

@@ -190,17 +190,19 @@ def _check_routing(where: str, capacity_factor, batch_prioritized) -> None:
         raise ValueError(f"moecompile.{where}: batch_prioritized={batch_prioritized!r}; expected True or False")
 
 
-def set_parallelism(model: nn.Module, r: int | None, degree: int | None = None) -> None:
-    """Fix the parallelism `r` (and the pipelining degree) of every block of an `optimize(parallelism=
-    "adaptive")` model from its next call on, on every rank alike (the exchanges are collectives); r=None
-    hands both back to each block's adaptive table. Nothing moves: every r runs on the same layout."""
+def set_parallelism(model: nn.Module, r: int | None, degree: int | None = None, algorithm: str | None = None
+                    ) -> None:
+    """Fix the parallelism `r` (and the pipelining degree, the all-to-all algorithm: "linear", or "2dh" on a
+    multi-node mesh) of every block of an `optimize(parallelism="adaptive")` model from its next call on, on
+    every rank alike (the exchanges are collectives); r=None hands them back to each block's adaptive table.
+    Nothing moves: every r runs on the same layout."""
     from moecompile.runtime.adaptive import AdaptiveExperts
     blocks = [m.spec.parallel for m in explain(model).moe_layers
               if m.spec is not None and isinstance(m.spec.parallel, AdaptiveExperts)]
     if not blocks:
         raise ValueError("set_parallelism needs a model from moecompile.optimize(..., parallelism='adaptive')")
     for parallel in blocks:
-        parallel.pin(r, degree)
+        parallel.pin(r, degree, algorithm)
 
 
 def _compile(model: nn.Module, args: tuple, kwargs: dict, options: Options) -> None:

@@ -49,7 +49,8 @@ def _positions(local: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 def _cases(rank, ws, cases):
     mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("ep",))
     errors, owned = {}, {}
-    for family, experts, overlap in cases:
+    for family, experts, overlap, *options in cases:
+        options = dict(options[0]) if options else {}
         args, kwargs = _global_batch(family, 2 * ws)
         local_args, local_kwargs = _slice((args, kwargs), rank, ws)
         ref = moecompile.optimize(_build(family, experts), args, kwargs)
@@ -58,13 +59,19 @@ def _cases(rank, ws, cases):
         floor = GRAD_FLOOR * max(p.grad.abs().max().item() for p in want.values() if p.grad is not None)
         want_logits = _logits(ref(*args, **kwargs)).chunk(ws)[rank].detach()
         fast = moecompile.optimize(_build(family, experts), local_args, local_kwargs, mesh=mesh,
-                                   parallelism="adaptive", overlap=overlap)
+                                   parallelism="adaptive", overlap=overlap, **options)
         layers = [m.spec.parallel for m in moecompile.explain(fast).moe_layers]
         sliced = {n for p in layers for n in p.expert_params}
         where = {n: _positions(p, want[n]) for n, p in fast.named_parameters() if n in sliced}
         owned[family, experts] = {n: (pos, want[n].numel()) for n, pos in where.items()}
-        for r in layers[0].layout.choices:
-            moecompile.set_parallelism(fast, r)
+        hierarchical = layers[0].ep.hierarchy is not None
+        if hierarchical:  # the table's candidates include both all-to-all algorithms
+            load = torch.ones(ws, experts, dtype=torch.int64)
+            errors[family, experts, overlap, "algorithms"] = \
+                float({c.algorithm for c in layers[0].table.predict(load)} != {"linear", "2dh"})
+        for r, algorithm in [(r, a) for r in layers[0].layout.choices
+                             for a in (("linear", "2dh") if r and hierarchical else ("linear",))]:
+            moecompile.set_parallelism(fast, r, algorithm=algorithm)
             for p in fast.parameters():
                 p.grad = None
             out = fast(*local_args, **local_kwargs)
@@ -74,13 +81,14 @@ def _cases(rank, ws, cases):
             for n, p in fast.named_parameters():
                 g = want[n].grad.flatten()[where[n]].view(p.shape) if n in where else want[n].grad
                 worst = max(worst, max_relative_error(p.grad, g, p, floor))
-            errors[family, experts, overlap, r] = worst
+            errors[family, experts, overlap, r, algorithm] = worst
     return errors, owned
 
 
 CASES = {
     2: [("gpt_moe", 8, 1), ("mixtral", 4, 2), ("gpt_moe", 1, 1), ("mixtral", 1, 1)],  # W <= E; W > E: s = 2
-    4: [("gpt_moe", 8, 2), ("gpt_moe", 2, 1), ("mixtral", 2, 2), ("gpt_oss", 2, 1), ("gpt_oss", 1, 1)],  # s = 2, 4
+    4: [("gpt_moe", 8, 2), ("gpt_moe", 2, 1), ("mixtral", 2, 2), ("gpt_oss", 2, 1), ("gpt_oss", 1, 1),  # s = 2, 4
+        ("gpt_moe", 2, 2, {"ranks_per_node": 2})],  # 2 "nodes" x 2: the rows travel by both all-to-alls
 }
 
 
@@ -88,8 +96,9 @@ CASES = {
 def test_every_r_matches_one_process(ws):
     results = run_ranks(_cases, ws, CASES[ws])
     errors = {k: max(r[0][k] for r in results) for k in results[0][0]}
-    rs = {(f, e): sorted({k[3] for k in errors if k[:2] == (f, e)}) for f, e, _ in CASES[ws]}
-    for f, e, _ in CASES[ws]:  # every parallelism of the layout ran: 0, and the divisors of W/E
+    rs = {(f, e): sorted({k[3] for k in errors if k[:2] == (f, e) and k[3] != "algorithms"})
+          for f, e, *_ in CASES[ws]}
+    for f, e, *_ in CASES[ws]:  # every parallelism of the layout ran: 0, and the divisors of W/E
         s = max(1, ws // e)
         assert rs[f, e] == [0] + [r for r in range(1, s + 1) if s % r == 0], (f, e, rs[f, e])
     bad = {k: v for k, v in errors.items() if not v < TOL}

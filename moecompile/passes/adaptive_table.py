@@ -3,10 +3,12 @@ degree, all-to-all algorithm) by capacity bucket (runtime/adaptive_table.py), se
 
 Contract:   for every block whose `spec.parallel` is an `AdaptiveExperts`, sets `parallel.table`, whose
             `predict(load)` gives, for each candidate, the predicted forward + backward seconds of the layer
-            for a step whose rank q dispatches load[q, e] rows to expert e. Candidates: r in the layout's choices × degree in
-            `degrees(options.overlap)` ("auto": 1, 2, 4; an int: that; "off": 1), degree 1 only for r = 0
-            (no all-to-all); algorithm "linear" (adaptive parallelism spans one flat group: there is no node
-            hierarchy for the 2-D all-to-all). At run time the table measures each r at its best-predicted degree and EXTRA_TRIALS more.
+            for a step whose rank q dispatches load[q, e] rows to expert e. Candidates: r in the layout's
+            choices × degree in `degrees(options.overlap)` ("auto": 1, 2, 4; an int: that; "off": 1) × the all-to-all algorithms
+            the layer may use (schedule_overlap.AllToAllCost: "linear" on one node; with ranks_per_node,
+            "2dh" too, or only the one forced by options.all_to_all); degree 1 and no algorithm for r = 0 (no
+            all-to-all). At run time the table measures each r at its best-predicted candidate and
+            EXTRA_TRIALS more.
 Invariants: changes no result (every r and degree compute the same function, validated by expert_parallel);
             predictions are agreed over the group (MAX), so every rank ranks the candidates alike.
 Pseudo-code:
@@ -16,7 +18,7 @@ Pseudo-code:
               + expert FFN (fwd + bwd) of all E experts, whole, on this rank's rows
       r ≥ 1:  2 · link(slice · (g − 1)), g = s / r           the shard's gather (none when g = 1)
               + makespan(chunk_dag fwd) + makespan(chunk_dag bwd) over d chunks (schedule_overlap's model):
-                send = link(r · rows · D · elem / d · (W − 1) / W)
+                send = a2a(algorithm, r · rows · D · elem / d)        (AllToAllCost.seconds_of)
                 experts = FFN of the busiest rank's slots (E·s/W of F/r hidden units) on its received
                           rows / d: Σ over its experts of Σ_q load[q, e] (W <= E), or
                           max_e Σ_q load[q, e] / g (W > E: each of the r shards gets all rows of its
@@ -31,7 +33,8 @@ import torch.distributed as dist
 
 from moecompile.ir.lowering import expert_weights
 from moecompile.passes.registry import CompileContext, register_pass
-from moecompile.passes.schedule_overlap import TRIAL_SLACK, _expert_seconds, _makespan, chunk_dag, list_schedule
+from moecompile.passes.schedule_overlap import (TRIAL_SLACK, AllToAllCost, _expert_seconds, _makespan, chunk_dag,
+                                                list_schedule)
 from moecompile.runtime.adaptive import AdaptiveExperts
 from moecompile.runtime.adaptive_table import AdaptiveTable, Choice
 from moecompile.runtime.cost_model import measure_link
@@ -45,12 +48,15 @@ def adaptive_table(ctx: CompileContext) -> None:
     layers = [lifted for lifted in ctx.lifted if isinstance(lifted.layer.spec.parallel, AdaptiveExperts)]
     if not layers:
         return
-    link = measure_link(layers[0].layer.spec.parallel.group)
+    first = layers[0].layer.spec.parallel
+    link = measure_link(first.group)                                   # the flat group: the weight gathers
+    a2a = AllToAllCost(first.size, link=link) if first.ep.hierarchy is None else \
+        AllToAllCost.measure(first.ep, ctx.options.all_to_all)
     for lifted in layers:
         spec, parallel = lifted.layer.spec, lifted.layer.spec.parallel
         rows = lifted.args[0].numel() // spec.hidden * spec.top_k                  # this rank's, compile time
-        predict = _predictor(spec, expert_weights(spec, lifted.block), parallel, link, degrees(ctx.options.overlap),
-                             rows)
+        predict = _predictor(spec, expert_weights(spec, lifted.block), parallel, link, a2a,
+                             degrees(ctx.options.overlap), rows)
         parallel.table = AdaptiveTable(predict, parallel.group, extra=EXTRA_TRIALS, slack=TRIAL_SLACK)
 
 
@@ -58,7 +64,7 @@ def degrees(overlap) -> tuple[int, ...]:
     return (1, 2, 4) if overlap == "auto" else (overlap,) if isinstance(overlap, int) else (1,)
 
 
-def _predictor(spec, w: dict, parallel: AdaptiveExperts, link, degree_choices, rows_now: int):
+def _predictor(spec, w: dict, parallel: AdaptiveExperts, link, a2a: AllToAllCost, degree_choices, rows_now: int):
     """predict(load) for one block. The experts' time is taken as affine in their rows (a per-call overhead,
     which dominates small layers, plus a per-row cost): per r, forward and backward measured now on
     `rows_now` and a quarter of that spread over the slots r computes, so predicting a new bucket at run time
@@ -87,11 +93,11 @@ def _predictor(spec, w: dict, parallel: AdaptiveExperts, link, degree_choices, r
             g = s // r
             gather_s = 2 * link.transfer_s(slice_bytes * (g - 1)) if g > 1 else 0.0
             busiest = int(per_expert.view(W, -1).sum(1).max()) if s == 1 else int(per_expert.max()) // g
-            for d in degree_choices:
-                send = link.transfer_s(r * rows * spec.hidden * elem / d * (W - 1) / W)
+            for d, algorithm in ((d, a) for d in degree_choices for a in a2a.algorithms):
+                send = a2a.seconds_of(algorithm, r * rows * spec.hidden * elem / d)
                 fwd, bwd = cost[r](busiest / d)
-                out[Choice(r, d)] = (gather_s + _makespan(list_schedule(chunk_dag(d, send, fwd)))
-                                     + _makespan(list_schedule(chunk_dag(d, send, bwd))))
+                out[Choice(r, d, algorithm)] = (gather_s + _makespan(list_schedule(chunk_dag(d, send, fwd)))
+                                                + _makespan(list_schedule(chunk_dag(d, send, bwd))))
         agreed = torch.tensor(list(out.values()), dtype=torch.float64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=parallel.group)
         return dict(zip(out, agreed.tolist()))

@@ -54,7 +54,7 @@ def expert_parallel(ctx: CompileContext) -> None:
             want = _run_alone(lifted) if ctx.options.validate else None
         prefix = layer.name + "." if layer.name else ""
         if ctx.options.parallelism == "adaptive":
-            spec.parallel = _adaptive(block, spec, group, rank, size, prefix)
+            spec.parallel = _adaptive(block, spec, group, rank, size, prefix, hierarchy)
         else:
             E = spec.num_experts
             placement = (Placement.explicit(ctx.options.placement, E, size) if ctx.options.placement is not None
@@ -68,20 +68,25 @@ def expert_parallel(ctx: CompileContext) -> None:
         if want is None:
             continue
         adaptive = isinstance(spec.parallel, AdaptiveExperts)
-        for r in spec.parallel.layout.choices if adaptive else (None,):  # adaptive: every r must agree
+        # adaptive: every r must agree, and with a hierarchy, each all-to-all algorithm where rows travel
+        variants = [(r, a) for r in spec.parallel.layout.choices
+                    for a in (("linear",) if r == 0 or hierarchy is None else ("linear", "2dh"))] if adaptive else \
+            [(None, None)]
+        for r, algorithm in variants:
             if adaptive:
-                spec.parallel.set_r(r)
+                spec.parallel.pin(r, algorithm=algorithm)
             with torch.no_grad():
                 got = _run_alone(lifted)
             err = torch.tensor([max_relative_error(got, want, want)], dtype=torch.float64)
             dist.all_reduce(err, op=dist.ReduceOp.MAX, group=group)
-            what = "expert-parallel" if r is None else f"adaptive-parallel (r={r})"
+            what = "expert-parallel" if r is None else f"adaptive-parallel (r={r}, {algorithm} all-to-all)"
             if not err.item() <= ctx.options.tolerance:
                 raise RuntimeError(f"moecompile: the {what} {layer.name or 'block'} differs from its "
                                    f"single-process rewrite (relative error {err.item():.2e}); this is a bug")
             spec.notes.append(f"{what} validated across the group: max relative error {err.item():.1e}")
-        if adaptive:
-            spec.parallel.set_r(1)
+        if adaptive:  # back to r = 1 over the flat exchange until the table chooses, at the first call
+            spec.parallel.pin(1, algorithm="linear")
+            spec.parallel.pin(None)
 
 
 def _hierarchy(options, mesh, size: int) -> Hierarchy | None:
@@ -132,7 +137,7 @@ def _shard(block: nn.Module, weights: ExpertWeights, local: range) -> list[str]:
     return kept
 
 
-def _adaptive(block: nn.Module, spec, group, rank: int, size: int, prefix: str) -> AdaptiveExperts:
+def _adaptive(block: nn.Module, spec, group, rank: int, size: int, prefix: str, hierarchy) -> AdaptiveExperts:
     """Shard the block's experts into Tutel's layout (runtime/adaptive.py) and build its runtime; the process
     groups of every r's model-parallel shards are created here (a collective: every rank, same order)."""
     E, D = spec.num_experts, spec.hidden
@@ -150,7 +155,7 @@ def _adaptive(block: nn.Module, spec, group, rank: int, size: int, prefix: str) 
             pg = dist.new_group([dist.get_global_rank(group, q) for q in members]) if g > 1 else None
             if rank in members:
                 shard_groups[r] = (pg, g)
-    ep = ExpertParallel(group, rank, size, Placement.even(E * s, size))
+    ep = ExpertParallel(group, rank, size, Placement.even(E * s, size), hierarchy=hierarchy)
     spec.notes.append(f"adaptive parallelism: {size} ranks, {E} experts, "
                       + (f"{E // size} whole experts per rank" if s == 1 else f"each expert's hidden units in {s} slices")
                       + f"; r in {list(layout.choices)} switchable per step")

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from moecompile.passes.registry import CompileContext, register_pass
 from moecompile.ir.lowering import capacity_rows, expert_ffn, expert_weights
-from moecompile.runtime.cost_model import (ALL_TO_ALL_ALGORITHMS, LinkRates, all_to_all_seconds, best_all_to_all,
+from moecompile.runtime.cost_model import (ALL_TO_ALL_ALGORITHMS, LinkRates, all_to_all_seconds,
                                            measure_link, measured_s)
 from moecompile.runtime.adaptive import AdaptiveExperts
 from moecompile.runtime.expert_parallel import ExpertParallel, Tuner
@@ -97,7 +97,7 @@ class AllToAllCost:
     """Predicted seconds of one all-to-all in which each rank holds `nbytes` of rows, its own share included.
     One node: the flat exchange over the measured ep link. A hierarchy (multi-node): cost_model's
     all_to_all_seconds for both algorithms from the measured intra-node, inter-node and copy rates (agreed
-    over the group), the forced algorithm or, with "auto", the faster (best_all_to_all). On one machine the
+    over the group), the forced algorithm or, with "auto", the faster. On one machine the
     "nodes" are simulated and both rates are loopback: the choice only means something across real nodes."""
     size: int
     link: LinkRates | None = None  # one node
@@ -113,12 +113,19 @@ class AllToAllCost:
         return AllToAllCost(ep.size, hierarchy=ep.hierarchy, rates=ep.hierarchy.rates(ep.group),
                             forced=None if option == "auto" else option)
 
-    def algorithm(self, nbytes: float) -> tuple[str, float]:
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """What a layer may use: the flat exchange on one node, else the forced algorithm, or either."""
+        return ("linear",) if self.hierarchy is None else (self.forced,) if self.forced else ALL_TO_ALL_ALGORITHMS
+
+    def seconds_of(self, algorithm: str, nbytes: float) -> float:
         if self.hierarchy is None:
-            return "linear", self.link.transfer_s(nbytes * (self.size - 1) / self.size)
-        shape = (self.hierarchy.nodes, self.hierarchy.per_node, *self.rates)
-        return (self.forced, all_to_all_seconds(self.forced, nbytes, *shape)) if self.forced else \
-            best_all_to_all(nbytes, *shape)
+            return self.link.transfer_s(nbytes * (self.size - 1) / self.size)
+        return all_to_all_seconds(algorithm, nbytes, self.hierarchy.nodes, self.hierarchy.per_node, *self.rates)
+
+    def algorithm(self, nbytes: float) -> tuple[str, float]:
+        """The allowed algorithm predicted fastest for `nbytes` ("linear" on ties), and its seconds."""
+        return min(((a, self.seconds_of(a, nbytes)) for a in self.algorithms), key=lambda pair: pair[1])
 
     def seconds(self, nbytes: float) -> float:
         return self.algorithm(nbytes)[1]

@@ -162,21 +162,23 @@ class AdaptiveExperts:
     def stats(self):
         return self.ep.stats
 
-    def set_r(self, r: int) -> None:
-        if r not in self.layout.choices:
-            raise ValueError(f"r={r!r} is not a parallelism of this layout ({self.layout.world} ranks, "
-                             f"{self.layout.experts} experts); choose one of {list(self.layout.choices)}")
-        self.r = r
-
-    def pin(self, r: int | None, degree: int | None = None) -> None:
-        """Fix r (and the pipelining degree) for the following calls; r=None hands them back to the table."""
+    def pin(self, r: int | None, degree: int | None = None, algorithm: str | None = None) -> None:
+        """Fix r (and the pipelining degree, the all-to-all algorithm) for the following calls; r=None hands
+        them back to the table."""
         if r is None:
             self.pinned = False
             return
         if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
             raise ValueError(f"degree={degree!r}; expected a pipelining degree >= 1")
-        self.set_r(r)
+        if algorithm not in (None, "linear") and (algorithm != "2dh" or self.ep.hierarchy is None):
+            raise ValueError(f"algorithm={algorithm!r}; expected 'linear', or '2dh' on a multi-node mesh "
+                             "(optimize(..., ranks_per_node=...))")
+        if r not in self.layout.choices:
+            raise ValueError(f"r={r!r} is not a parallelism of this layout ({self.layout.world} ranks, "
+                             f"{self.layout.experts} experts); choose one of {list(self.layout.choices)}")
+        self.r = r
         self.ep.chunks, self.ep.order = degree or self.ep.chunks, None
+        self.ep.algorithm = algorithm or self.ep.algorithm
         self.pinned = True
 
     def summary(self) -> str:
@@ -184,7 +186,8 @@ class AdaptiveExperts:
         kind = ("DP" if self.r == 0 else "EP" if L.shards == 1 else "EP+DP" if self.r == 1 else
                 "EP+MP" if self.r == L.shards else "EP+DP+MP")
         text = (f"adaptive parallelism over {L.world} ranks: r={self.r} ({kind}) of {list(L.choices)}, "
-                f"pipelining degree {self.ep.chunks}")
+                f"pipelining degree {self.ep.chunks}" + ("" if self.ep.hierarchy is None else
+                                                         f", {self.ep.algorithm} all-to-all"))
         if self.pinned or self.table is None:
             return text + " (fixed)"
         return text + f"; adaptive table by capacity bucket: {self.table.summary()}"
@@ -200,7 +203,7 @@ class AdaptiveExperts:
         load = counts.new_empty(self.layout.world * counts.numel())
         dist.all_gather_single(load, counts.contiguous(), group=self.group)
         key, choice = self.table.pick(load.view(self.layout.world, -1), training)        # [W, E] rows
-        self.r, self.ep.chunks, self.ep.order = choice.r, choice.degree, None
+        self.r, self.ep.chunks, self.ep.order, self.ep.algorithm = choice.r, choice.degree, None, choice.algorithm
         return (key, choice) if training else None
 
     def run(self, x_perm: Tensor, counts: Tensor, ffn, capacity_rows: int | None = None, side=None):
