@@ -157,3 +157,33 @@ def test_table_chooses_per_bucket_and_keeps_results():
         assert predicted == 4  # r = 0 at degree 1; r = 1 at degrees 1, 2, 4
     assert len(seen) == len(chosen[0][2]), (seen, chosen)  # each trial ran
     assert "adaptive table by capacity bucket" in report and "measured ms fwd+bwd" in report, report
+
+
+def _table_policy(rank, ws):
+    """AdaptiveTable alone, with made-up predictions and measurements (one rank)."""
+    from moecompile.runtime.adaptive_table import AdaptiveTable, Choice
+    predicted = {Choice(1, 2): 1.0, Choice(1, 4): 1.1, Choice(1, 1): 1.3, Choice(0, 1): 1.9, Choice(2, 1): 2.5}
+    table = AdaptiveTable(lambda load: predicted, None, window=128)
+    load = torch.tensor([[100, 20], [30, 40]])                                   # c = 100: bucket 0
+    picks = []
+    for seconds in {Choice(1, 2): 0.9, Choice(1, 4): 0.8, Choice(0, 1): 0.5}.values():  # measured per trial
+        for _ in range(table.calls):
+            key, choice = table.pick(load, training=True)
+            picks.append(str(choice))
+            table.record(key, choice, seconds)
+    entry = table.entries[0]
+    key_later, choice_later = table.pick(load + 27, training=True)                # c = 127: the same bucket
+    _, untrained = table.pick(load + 300, training=False)                        # a new bucket, no grad
+    return (sorted(map(str, entry.trials)), picks, str(entry.chosen), str(choice_later), key_later,
+            str(untrained), sorted(table.entries), table.summary())
+
+
+def test_table_tries_each_plausible_r_then_keeps_the_fastest():
+    trials, picks, chosen, later, key, untrained, keys, summary = run_ranks(_table_policy, 1)[0]
+    # each r's best-predicted candidate unless > cutoff (2x) the best (r=2 at 2.5 is not tried), and one more
+    # within the slack (1.25x): r=1 d=4; r=1 d=1 at 1.3x is not
+    assert trials == ["r=0 d=1", "r=1 d=2", "r=1 d=4"], trials
+    assert picks == ["r=1 d=2"] * 2 + ["r=1 d=4"] * 2 + ["r=0 d=1"] * 2, picks  # in predicted order, 2 calls each
+    assert chosen == later == "r=0 d=1" and key == 0  # the measured fastest, kept for the bucket
+    assert untrained == "r=1 d=2" and keys == [0, 3]  # no grad: the predicted best of the new bucket
+    assert "r=0 d=1 500.0 (predicted 1900.0)" in summary, summary

@@ -3,10 +3,11 @@ pipelining degree, all-to-all algorithm), filled by the cost model and corrected
 
     c        = the most rows any expert gets from any one rank this step (from every rank's counts [W, E])
     new key  → the cost model predicts every candidate for the step's load [W, E]; measured, `calls` training
-               calls each (the layer's forward + backward seconds): each r at its best-predicted degree
-               (every parallelism is tried, as Tutel's search over r measures them: the model ranks
-               pipelining degrees better than parallelisms, whose costs at small sizes it sees least
-               well), then up to `extra` more of those predicted within `slack` of the best
+               calls each (the layer's forward + backward seconds): each r at its best-predicted degree,
+               unless predicted more than `cutoff` times the best (every plausible parallelism is tried, as
+               Tutel's search over r measures them: the model ranks pipelining degrees better than
+               parallelisms, whose costs at small sizes it sees least well), then up to `extra` more of
+               those predicted within `slack` of the best
     measured → the group agrees on each trial's slowest-rank median and keeps the fastest for the key
     no grad  → the key's choice if it has one, else the predicted best (nothing is measured)
 Every rank sees the same keys in the same order and measures the same candidates, so every collective
@@ -52,6 +53,7 @@ class AdaptiveTable:
     window: int = 128                              # R: capacities per bucket
     extra: int = 1                                 # candidates measured beyond each r's best, at most...
     slack: float = 1.25                            # ... of those predicted within this factor of the best
+    cutoff: float = 2.0                            # an r predicted slower than this factor of the best: not tried
     calls: int = 2                                 # training calls measured per candidate
     entries: dict[int, Entry] = field(default_factory=dict)
 
@@ -63,9 +65,10 @@ class AdaptiveTable:
         if entry is None:
             predicted = self.predict(load)
             ranked = sorted(predicted, key=lambda c: (predicted[c], c))
-            trials = list({c.r: c for c in reversed(ranked)}.values())               # each r's best
-            trials += [c for c in ranked if c not in trials
-                       and predicted[c] <= self.slack * predicted[ranked[0]]][:self.extra]
+            best = predicted[ranked[0]]
+            trials = [c for c in {c.r: c for c in reversed(ranked)}.values()            # each r's best
+                      if predicted[c] <= self.cutoff * best]
+            trials += [c for c in ranked if c not in trials and predicted[c] <= self.slack * best][:self.extra]
             entry = self.entries[key] = Entry(predicted, sorted(trials, key=ranked.index))
         if entry.chosen is not None:
             return key, entry.chosen
@@ -90,7 +93,7 @@ class AdaptiveTable:
             if e.chosen is None:
                 parts.append(f"{span}: measuring {', '.join(map(str, e.trials))}")
                 continue
-            measured = ", ".join(f"{c} {s * 1e3:.1f}" for c, s in e.measured.items())
-            parts.append(f"{span}: {e.chosen} (measured ms fwd+bwd: {measured}; predicted best "
-                         f"{min(e.predicted, key=e.predicted.get)} of {len(e.predicted)})")
+            measured = ", ".join(f"{c} {s * 1e3:.1f} (predicted {e.predicted[c] * 1e3:.1f})"
+                                 for c, s in e.measured.items())
+            parts.append(f"{span}: {e.chosen} (measured ms fwd+bwd: {measured}; of {len(e.predicted)} candidates)")
         return "; ".join(parts) or "empty"
