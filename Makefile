@@ -30,6 +30,7 @@ demo: $(VENV)/.installed
 	$(STABLE_MALLOC) $(BIN)/torchrun --nproc-per-node 2 examples/expert_parallel.py
 	$(STABLE_MALLOC) $(BIN)/torchrun --nproc-per-node 2 examples/checkpoint.py
 	$(STABLE_MALLOC) $(BIN)/torchrun --nproc-per-node 2 examples/adaptive_parallel.py
+	$(BIN)/moecompile bench sim --quick
 	$(STABLE_MALLOC) $(BIN)/python examples/compile_backend.py
 	$(BIN)/moecompile viz hf:mixtral -o build/mixtral.html
 
