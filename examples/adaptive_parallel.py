@@ -64,6 +64,7 @@ def main():
         console = Console(width=140)
         console.print(table)
         console.print(moecompile.explain(models["adaptive"]))
+    dist.barrier()  # no rank tears its connections down while a peer still uses them
     dist.destroy_process_group()
 
 
