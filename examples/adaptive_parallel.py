@@ -24,7 +24,7 @@ from moecompile.models import MoEStack
 
 PHASES = (("balanced", 256, 0.0), ("skewed", 1024, 0.9), ("balanced", 256, 0.0))  # (mix, tokens per rank, hot)
 VARIANTS = {"DP (r=0)": (0, 1), "EP (r=1)": (1, 1), "adaptive": None}
-STEPS = 16
+STEPS = 24
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("ep",))
-    model = MoEStack(layers=2, d_model=128, d_ff=256, num_experts=8, top_k=2)
+    model = MoEStack(layers=2, d_model=256, d_ff=512, num_experts=8, top_k=2)
     example = model.batch(PHASES[0][1], 0.0, seed=rank)
     models = {}
     for name, pinned in VARIANTS.items():
