@@ -31,12 +31,12 @@ def deepseek_v2():
         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64))
 
 
-def switch():
+def switch(**overrides):
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
-    return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(
-        vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2, num_decoder_layers=2,
-        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=4,
-        router_jitter_noise=0.0, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))
+    cfg = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2, num_decoder_layers=2,
+               num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=4,
+               router_jitter_noise=0.0, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**{**cfg, **overrides}))
 
 
 def deepseek_v3():

@@ -21,6 +21,7 @@ BUILDERS = {
                                  max_seq=16),                                 # per-expert Linear weights, biases
     "mixtral": lambda e: hf_zoo.mixtral(num_local_experts=e, num_experts_per_tok=min(2, e)),  # stacked, fused halves
     "gpt_oss": lambda e: hf_zoo.gpt_oss(num_local_experts=e, num_experts_per_tok=min(2, e)),  # interleaved, [in, out], b2
+    "switch": lambda e: hf_zoo.switch(num_experts=e),                          # per-sequence capacity, drops
 }
 
 
@@ -86,7 +87,7 @@ def _cases(rank, ws, cases):
 
 
 CASES = {
-    2: [("gpt_moe", 8, 1), ("mixtral", 4, 2), ("gpt_moe", 1, 1), ("mixtral", 1, 1)],  # W <= E; W > E: s = 2
+    2: [("gpt_moe", 8, 1), ("mixtral", 4, 2), ("switch", 4, 2), ("gpt_moe", 1, 1), ("mixtral", 1, 1)],  # W <= E; W > E: s = 2
     4: [("gpt_moe", 8, 2), ("gpt_moe", 2, 1), ("mixtral", 2, 2), ("gpt_oss", 2, 1), ("gpt_oss", 1, 1),  # s = 2, 4
         ("gpt_moe", 2, 2, {"ranks_per_node": 2})],  # 2 "nodes" x 2: the rows travel by both all-to-alls
 }
