@@ -44,8 +44,9 @@ log = logging.getLogger("moecompile.backend")
 torch._dynamo.config.capture_scalar_outputs = True
 torch._dynamo.config.capture_dynamic_output_shape_ops = True
 
-PASSED_ON = ("kernels", "validate", "tolerance")  # optimize() options the backend accepts
-REFUSED = ("shortcut", "mesh", "placement", "overlap", "num_experts", "upcycle_noise")
+PASSED_ON = ("kernels", "validate", "tolerance", "capacity_factor", "batch_prioritized")  # optimize()'s, accepted
+REFUSED = ("shortcut", "mesh", "placement", "overlap", "parallelism", "all_to_all", "ranks_per_node", "num_experts",
+           "upcycle_noise")
 COMPILERS = ("inductor", "eager")
 MAX_LEVELS = 3
 ROOT = "(the compiled module)"

@@ -189,3 +189,16 @@ def test_inductor_trains_equal_to_eager():
     compiled = torch.compile(model, backend="moecompile", fullgraph=True)
     assert_same_training_step(model, compiled, args, kwargs)
     _assert_all_lifted(compiled, 2)
+
+
+def test_capacity_options_reach_the_lifted_blocks():
+    """capacity_factor and batch_prioritized, like optimize()'s: the compiled model trains like the optimize()
+    result with the same options (a different function from the eager model's: tokens are dropped)."""
+    model, args, kwargs = _gpt()
+    want = moecompile.optimize(model, args, kwargs, capacity_factor=0.5, batch_prioritized=True)
+    compiled = _compiled(model, capacity_factor=0.5, batch_prioritized=True)
+    assert_same_training_step(want, compiled, args, kwargs)
+    layers = moecompile.explain(compiled).moe_layers
+    assert all(m.spec.routing.capacity_factor == 0.5 and m.spec.routing.batch_prioritized for m in layers)
+    # C = ⌈2·0.5·32/4⌉ = 8 slots per expert of 64 token-slots: at least half dropped in each block
+    assert all(m.spec.drops.dropped >= 32 for m in moecompile.explain(want).moe_layers)
