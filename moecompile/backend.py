@@ -17,7 +17,7 @@ them (C++ on CPU, Triton on CUDA) and calls moecompile's kernels for them. The o
 holds are recorded for explain(). moecompile's rewrites all run on Dynamo's graph, before AOTAutograd, so
 none runs inside Inductor: a pass that does must be an Inductor `CustomGraphPass` with a `uuid()`, which
 Inductor's cache key includes. Options: those of optimize() that keep the model's parameters (`kernels`,
-`validate`, `tolerance`) and `compiler`: "inductor" (default) or "eager" (AOTAutograd without code
+`validate`, `tolerance`, `capacity_factor`, `batch_prioritized`) and `compiler`: "inductor" (default) or "eager" (AOTAutograd without code
 generation: for debugging and fast tests). `shortcut` and `mesh` create parameters, which a backend cannot
 hand back to the user's optimizer: compile `optimize(model, example_inputs, mesh=..., shortcut=...)`, whose
 blocks are lifted already (the backend then finds no selection to lift and compiles the rest).
