@@ -109,7 +109,7 @@ def op_runners(backend, x, logits, w, E, k, capacity, inp):
     "reference" calls the plain functions under autograd."""
     impl = reference if backend == "reference" else None
     route = impl.route if impl else lambda *a: ops.call(ops.route, *a, backend)
-    dispatch = impl.dispatch if impl else lambda *a: ops.call(ops.dispatch, *a, backend)
+    dispatch = impl.dispatch if impl else lambda *a: ops.call(ops.dispatch, *a, None, backend)
     ffn = impl.expert_ffn if impl else lambda *a: ops.call(ops.expert_ffn, *a, torch.is_grad_enabled(), backend)[0]
     combine = impl.combine if impl else lambda *a: ops.call(ops.combine, *a, backend)
     # the same stacked [E, ...] parameters, each passed the way that implementation takes them best: the

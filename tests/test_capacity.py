@@ -45,7 +45,7 @@ def test_capacity_rule_and_drops_by_hand(factor, group_size, capacity, dropped, 
     cap = call_capacity(spec, INDICES)
     assert (cap.capacity, cap.group_size) == (capacity, group_size)
     x = torch.randn(8, 3)
-    x_perm, order, counts = ops.dispatch(x, INDICES, 4, cap.capacity, cap.group_size, backend)
+    x_perm, order, counts = ops.dispatch(x, INDICES, 4, cap.capacity, cap.group_size, None, backend)
     assert INDICES.numel() - x_perm.shape[0] == dropped == INDICES.numel() - int(counts.sum())
 
 
@@ -61,17 +61,17 @@ def test_batch_prioritized_dispatch_keeps_the_most_important_tokens(backend):
     idx = torch.tensor([[0], [0], [0], [1], [0], [0]])
     priority = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2, 0.5])
     # capacity 2 over all tokens: expert 0 keeps tokens 1 (0.9) and 5 (0.5), listed in token order
-    x_perm, order, counts = ops.dispatch(x, idx, 2, 2, 0, backend, priority)
+    x_perm, order, counts = ops.dispatch(x, idx, 2, 2, 0, priority, backend)
     assert order.tolist() == [1, 5, 3] and counts.tolist() == [2, 1] and x_perm.squeeze(1).tolist() == [1, 5, 3]
     # capacity 1 per group of 3: token 1 of tokens 0..2, token 5 of 4..5 (0.5 > 0.2)
-    _, order, counts = ops.dispatch(x, idx, 2, 1, 3, backend, priority)
+    _, order, counts = ops.dispatch(x, idx, 2, 1, 3, priority, backend)
     assert order.tolist() == [1, 5, 3] and counts.tolist() == [2, 1]
     # without priority, first come first served: tokens 0, 1 and 0, 4
-    assert ops.dispatch(x, idx, 2, 2, 0, backend)[1].tolist() == [0, 1, 3]
-    assert ops.dispatch(x, idx, 2, 1, 3, backend)[1].tolist() == [0, 4, 3]
+    assert ops.dispatch(x, idx, 2, 2, 0, None, backend)[1].tolist() == [0, 1, 3]
+    assert ops.dispatch(x, idx, 2, 1, 3, None, backend)[1].tolist() == [0, 4, 3]
     # top-2: tokens by priority 1, 3, then the tie 0, 2 in token order; a token's slots in slot order
     idx2 = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]])
-    _, order, counts = ops.dispatch(torch.randn(4, 2), idx2, 2, 1, 0, backend, torch.tensor([0.2, 0.9, 0.2, 0.5]))
+    _, order, counts = ops.dispatch(torch.randn(4, 2), idx2, 2, 1, 0, torch.tensor([0.2, 0.9, 0.2, 0.5]), backend)
     assert order.tolist() == [3, 2] and counts.tolist() == [1, 1]  # token 1's second and first slot
 
 
@@ -80,7 +80,7 @@ def test_opcheck_prioritized_dispatch(backend):
     g = torch.Generator().manual_seed(0)
     x, idx = torch.randn(6, 4, generator=g, requires_grad=True), torch.randint(0, 3, (6, 2), generator=g)
     # a capacity makes N data-dependent: the AOT-dispatch checks cannot run it (tests/test_ops.py)
-    torch.library.opcheck(ops.dispatch, (x, idx, 3, 2, 0, backend, torch.rand(6, generator=g)),
+    torch.library.opcheck(ops.dispatch, (x, idx, 3, 2, 0, torch.rand(6, generator=g), backend),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -14,8 +14,9 @@ class Ops:
     lowering calls them (ops.call: the eager path; opcheck below covers the custom ops themselves)."""
 
     def __init__(self, backend):
-        for name in ("route", "dispatch", "combine"):
+        for name in ("route", "combine"):
             setattr(self, name, lambda *args, op=getattr(ops, name): ops.call(op, *args, backend))
+        self.dispatch = lambda *args: ops.call(ops.dispatch, *args, None, backend)  # no batch priority
         self.expert_ffn = lambda *args: ops.call(ops.expert_ffn, *args, True, backend)  # save for backward
 
 CASES = [  # T, D, F, E, k, activation, bias, capacity
@@ -115,7 +116,7 @@ def test_route_variants_match_reference_semantics(backend):
 def test_capacity_keeps_first_tokens_per_group(backend):
     idx = torch.tensor([[0], [0], [0], [1], [0], [0]])           # T=6, k=1
     x = torch.arange(6.0).unsqueeze(1)
-    x_perm, order, counts = ops.dispatch(x, idx, 2, 2, 3, backend)  # capacity 2 per group of 3 tokens
+    x_perm, order, counts = ops.dispatch(x, idx, 2, 2, 3, None, backend)  # capacity 2 per group of 3 tokens
     assert order.tolist() == [0, 1, 4, 5, 3] and counts.tolist() == [4, 1]
     assert x_perm.squeeze(1).tolist() == [0.0, 1.0, 4.0, 5.0, 3.0]
 
@@ -128,13 +129,13 @@ def test_opcheck(backend):
     x = torch.randn(T, D, requires_grad=True)
     torch.library.opcheck(ops.route, (logits, None, E, k, "softmax", True, 1.0, 1, 1, "max", backend))
     weights, idx, _ = ops.route(logits, None, E, k, "softmax", True, 1.0, 1, 1, "max", backend)
-    torch.library.opcheck(ops.dispatch, (x, idx, E, -1, 0, backend))
+    torch.library.opcheck(ops.dispatch, (x, idx, E, -1, 0, None, backend))
     # capacity: a data-dependent N. opcheck's AOT-dispatch checks cannot run an op whose output size is
     # data-dependent (static: DynamicOutputShapeException; dynamic: "Node sym_size_int was invalid, but is
     # output"), so only those two are left out here
-    torch.library.opcheck(ops.dispatch, (x, idx, E, 3, 0, backend),
+    torch.library.opcheck(ops.dispatch, (x, idx, E, 3, 0, None, backend),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    x_perm, order, counts = ops.dispatch(x, idx, E, -1, 0, backend)
+    x_perm, order, counts = ops.dispatch(x, idx, E, -1, 0, None, backend)
     ws = [[torch.randn(*s, requires_grad=True) for _ in range(E)] for s in ((F, D), (D, F), (F, D))]
     torch.library.opcheck(ops.expert_ffn, (x_perm.detach().requires_grad_(), counts, *ws, [], [], [],
                                            "swiglu", "", 1.702, 7.0, True, backend))
@@ -185,6 +186,6 @@ def test_native_capacity_dispatch_by_sorting_matches_reference(T, k, E, capacity
     """Enough slots for native's sort-based capacity path: same order, rows and kept counts."""
     g = torch.Generator().manual_seed(T + E)
     idx, x = torch.randint(0, E, (T, k), generator=g), torch.randn(T, 4, generator=g)
-    got = ops.dispatch(x, idx, E, capacity, group_size, "native")
+    got = ops.dispatch(x, idx, E, capacity, group_size, None, "native")
     want = ref.dispatch(x, idx, E, capacity, group_size)
     assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -70,7 +70,7 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
         plain = logits.detach().float()
         priority = (plain.softmax(-1) if r.scoring == "softmax" else plain.sigmoid()).amax(-1)   # [T]
     x_perm, order, counts = ops.call(ops.dispatch, tokens, indices, r.num_experts, cap.capacity if cap else -1,
-                                     cap.group_size if cap else 0, kern["dispatch"], priority)     # [N, D], [N], [E]
+                                     cap.group_size if cap else 0, priority, kern["dispatch"])     # [N, D], [N], [E]
     if spec.expert_load is not None and torch.is_grad_enabled():
         spec.expert_load += counts
     if cap and not ops._tracing([x_perm]):  # eager: N is a host int already (no sync)

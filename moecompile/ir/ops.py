@@ -5,7 +5,6 @@ formula, so it trains. The formulas call backward ops that are custom ops too (`
 backward graph holds one opaque node per op whatever runs inside it (a Triton kernel cannot be traced
 through). The last argument, `backend`, names the kernels that run an op ("native", "triton" or
 "reference", see moecompile/kernels/__init__.py): the kernel-selection pass's choice is part of the graph.
-(dispatch's optional `priority` comes after it: calls written before it existed stay valid.)
 Shapes: T tokens, D hidden, E experts, k slots per token, N kept (token, slot) pairs (T·k when dropless),
 F expert hidden size.
 """
@@ -68,8 +67,7 @@ def call(custom, *args):
             tensors.append(a)
     if _tracing(tensors):
         return custom(*args)
-    backend = args[-1] if type(args[-1]) is str else args[-2]  # dispatch's optional priority follows it
-    if custom._name in kernels(backend).DIFFERENTIABLE or \
+    if custom._name in kernels(args[-1]).DIFFERENTIABLE or \
             not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return custom._init_fn(*args)
     flat, sizes = _flatten(args)
@@ -161,11 +159,11 @@ _register_autograd(route, _route_backward, _route_setup)
 
 
 # ---- dispatch: x [T, D] → x_perm [N, D] expert-major, order [N] (slot ids t·k+j), counts [E] -------------
-# `priority` [T] (after the backend: an optional argument added last), with a capacity: batch-prioritized
-# routing, slots kept in order of their token's priority (kernels/reference.py slot_order); no gradient.
+# `priority` [T] or None, with a capacity: batch-prioritized routing, slots kept in order of their token's
+# priority (kernels/reference.py slot_order); no gradient.
 @op("moecompile::dispatch", mutates_args=())
 def dispatch(x: Tensor, indices: Tensor, num_experts: int, capacity: int, group_size: int,
-             backend: str, priority: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+             priority: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = kernels(backend)
     if priority is None:
         return impl.dispatch(x, indices, num_experts, capacity, group_size)
@@ -173,7 +171,7 @@ def dispatch(x: Tensor, indices: Tensor, num_experts: int, capacity: int, group_
 
 
 @dispatch.register_fake
-def _(x, indices, num_experts, capacity, group_size, backend, priority=None):
+def _(x, indices, num_experts, capacity, group_size, priority, backend):
     n = indices.numel() if capacity < 0 else torch.library.get_ctx().new_dynamic_size()
     return x.new_empty(n, x.shape[1]), indices.new_empty(n), indices.new_empty(num_experts)
 
@@ -189,7 +187,7 @@ def _(grad_x_perm, order, k, num_tokens, backend):
 
 
 def _dispatch_setup(ctx, inputs, output):
-    x, indices, ctx.backend = inputs[0], inputs[1], inputs[5]
+    x, indices, *_, ctx.backend = inputs
     ctx.set_materialize_grads(False)
     ctx.k, ctx.num_tokens = indices.shape[1], x.shape[0]
     ctx.save_for_backward(output[1])
