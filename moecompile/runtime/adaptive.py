@@ -194,7 +194,7 @@ class AdaptiveExperts:
 
     def _consult_table(self, counts: Tensor, training: bool) -> tuple[int, Choice] | None:
         """Record the previous training call's time, then set r and the degree for this call from the table
-        (None when this call will not be measured)."""
+        (None when this call will not be measured: no gradients, or its bucket has chosen already)."""
         if self.pending is not None:  # complete once every stamped input's gradient has been computed
             key, choice, forward_s, stamps, ends = self.pending
             if "begin" in stamps and len(stamps.get("end", ())) == ends:
@@ -204,7 +204,7 @@ class AdaptiveExperts:
         dist.all_gather_single(load, counts.contiguous(), group=self.group)
         key, choice = self.table.pick(load.view(self.layout.world, -1), training)        # [W, E] rows
         self.r, self.ep.chunks, self.ep.order, self.ep.algorithm = choice.r, choice.degree, None, choice.algorithm
-        return (key, choice) if training else None
+        return (key, choice) if training and self.table.entries[key].chosen is None else None
 
     def run(self, x_perm: Tensor, counts: Tensor, ffn, capacity_rows: int | None = None, side=None):
         """x_perm [N, D] expert-major, counts [E] → (y_perm [N, D], side()). `ffn` is lowering's ExpertsFFN on
