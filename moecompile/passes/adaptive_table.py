@@ -3,11 +3,12 @@ degree, all-to-all algorithm) by capacity bucket (runtime/adaptive_table.py), se
 
 Contract:   for every block whose `spec.parallel` is an `AdaptiveExperts`, sets `parallel.table`, whose
             `predict(load)` gives, for each candidate, the predicted forward + backward seconds of the layer
-            for a step whose rank q dispatches load[q, e] rows to expert e. Candidates: r in the layout's
-            choices × degree in `degrees(options.overlap)` ("auto": 1, 2, 4; an int: that; "off": 1) × the all-to-all algorithms
-            the layer may use (schedule_overlap.AllToAllCost: "linear" on one node; with ranks_per_node,
-            "2dh" too, or only the one forced by options.all_to_all); degree 1 and no algorithm for r = 0 (no
-            all-to-all). At run time the table measures each r at its best-predicted candidate and
+            for a step whose rank q dispatches load[q, e] rows to expert e, and the runtime's pipelining
+            degree to the first candidate degree until the table chooses. Candidates: r in the layout's
+            choices × degree in `degrees(options.overlap)` ("auto": 1, 2, 4; an int: that; "off": 1) × the
+            all-to-all algorithms the layer may use (schedule_overlap.AllToAllCost: "linear" on one node;
+            with ranks_per_node, "2dh" too, or only the one forced by options.all_to_all); degree 1 and no
+            algorithm for r = 0 (no all-to-all). At run time the table measures each r at its best-predicted candidate and
             EXTRA_TRIALS more.
 Invariants: changes no result (every r and degree compute the same function, validated by expert_parallel);
             predictions are agreed over the group (MAX), so every rank ranks the candidates alike.
@@ -58,6 +59,7 @@ def adaptive_table(ctx: CompileContext) -> None:
         predict = _predictor(spec, expert_weights(spec, lifted.block), parallel, link, a2a,
                              degrees(ctx.options.overlap), rows)
         parallel.table = AdaptiveTable(predict, parallel.group, extra=EXTRA_TRIALS, slack=TRIAL_SLACK)
+        parallel.ep.chunks = degrees(ctx.options.overlap)[0]  # until the table (or set_parallelism) chooses
 
 
 def degrees(overlap) -> tuple[int, ...]:

@@ -1,7 +1,8 @@
 """schedule_overlap: per expert-parallel MoE layer, choose the pipelining degree and the order in which its
 exchanges are issued, from a cost model, so the all-to-alls hide behind the expert computation.
 
-Contract:   for every block with `spec.parallel` (set by expert_parallel), sets `parallel.chunks` (n) and
+Contract:   for every block whose `spec.parallel` is an ExpertParallel (set by expert_parallel; adaptive
+            parallelism's blocks are the adaptive_table pass's), sets `parallel.chunks` (n) and
             `parallel.order` (the executor's steps) and attaches `parallel.schedule`, a `Schedule` with the
             timed slots of the forward and backward and the predicted times, for explain() and later views.
             n is options.overlap when it is an int, 1 when "off", and with "auto" the candidate of CANDIDATES
@@ -47,7 +48,6 @@ from moecompile.passes.registry import CompileContext, register_pass
 from moecompile.ir.lowering import capacity_rows, expert_ffn, expert_weights
 from moecompile.runtime.cost_model import (ALL_TO_ALL_ALGORITHMS, LinkRates, all_to_all_seconds,
                                            measure_link, measured_s)
-from moecompile.runtime.adaptive import AdaptiveExperts
 from moecompile.runtime.expert_parallel import ExpertParallel, Tuner
 
 CANDIDATES = (1, 2, 4, 8)
@@ -147,10 +147,8 @@ class AllToAllCost:
 
 @register_pass("schedule_overlap")
 def schedule_overlap(ctx: CompileContext) -> None:
+    # adaptive-parallel layers (runtime/adaptive.py) are the adaptive_table pass's
     layers = [lifted for lifted in ctx.lifted if isinstance(lifted.layer.spec.parallel, ExpertParallel)]
-    for lifted in ctx.lifted:  # adaptive layers: a fixed degree here; the adaptive table chooses per step
-        if isinstance(lifted.layer.spec.parallel, AdaptiveExperts):
-            lifted.layer.spec.parallel.ep.chunks = ctx.options.overlap if isinstance(ctx.options.overlap, int) else 1
     if not layers:
         return
     a2a_cost = AllToAllCost.measure(layers[0].layer.spec.parallel, ctx.options.all_to_all)
