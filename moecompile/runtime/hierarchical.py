@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
 from moecompile.runtime.cost_model import LinkRates, measure_link, measured_s
+from moecompile.runtime.expert_parallel import _segments
 
 
 class Hierarchy:
@@ -124,6 +125,4 @@ def _block_transpose(sizes: Tensor) -> Tensor:
     flat = sizes.reshape(-1)
     starts = (flat.cumsum(0) - flat).view_as(sizes).t().reshape(-1)   # [C·A] each block's start in the input
     lengths = sizes.t().reshape(-1)                                     # [C·A] in output order
-    total = int(lengths.sum())
-    moved = starts - (lengths.cumsum(0) - lengths)                      # input start − output start, per block
-    return torch.repeat_interleave(moved, lengths, output_size=total) + torch.arange(total)
+    return _segments(starts.tolist(), lengths.tolist(), [0] * lengths.numel(), sizes.device)
