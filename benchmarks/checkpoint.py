@@ -38,7 +38,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from quality import BATCH, LR, MODEL, SEQ, WARMUP, batch, corpus, val_loss  # no
 import moecompile  # noqa: E402
 from moecompile.models import gpt_moe  # noqa: E402
 from moecompile.runtime import pec  # noqa: E402
+from moecompile.runtime.spawn import free_port  # noqa: E402
 
 E = MODEL["num_experts"]
 SEEDS = (0, 1)
@@ -121,11 +121,8 @@ def checkpoint_bytes(data, example) -> tuple[dict, dict]:
 
 # ---- per rank: plain data parallel over spawned gloo processes -----------------------------------------------
 def per_rank_bytes(world: int) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_rank, args=(world, port, d), nprocs=world, join=True, start_method="spawn")
+        mp.start_processes(_rank, args=(world, free_port(), d), nprocs=world, join=True, start_method="spawn")
         return {int(k): v for k, v in json.loads((Path(d) / "result.json").read_text()).items()}
 
 

@@ -13,7 +13,7 @@ from moecompile.models import gpt_moe
 from moecompile.runtime.expert_parallel import reduce_gradients
 from moecompile.validation import max_relative_error
 from tests import hf_zoo
-from tests.distributed import run_ranks
+from moecompile.runtime.spawn import run_ranks
 from tests.test_expert_parallel import GRAD_FLOOR, TOL, _global_batch, _logits, _loss, _slice
 
 BUILDERS = {

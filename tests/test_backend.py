@@ -14,7 +14,7 @@ from moecompile import backend
 from moecompile.models import gpt_moe
 from moecompile.validation import max_relative_error
 from tests import hf_zoo
-from tests.distributed import run_ranks
+from moecompile.runtime.spawn import run_ranks
 from tests.helpers import assert_same_training_step
 from tests.zoo import BiasedBank, EinsumBank, LoopBank, Net
 

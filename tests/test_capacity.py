@@ -17,7 +17,7 @@ from moecompile.kernels import reference as ref
 from moecompile.models import gpt_moe
 from moecompile.runtime.expert_parallel import reduce_gradients
 from moecompile.validation import max_relative_error
-from tests.distributed import run_ranks
+from moecompile.runtime.spawn import run_ranks
 from tests.helpers import assert_same_training_step
 from tests.zoo import BiasedBank, LoopBank, Net
 

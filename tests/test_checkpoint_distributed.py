@@ -18,7 +18,7 @@ import moecompile
 from moecompile.models import gpt_moe
 from moecompile.runtime.checkpoint import PECCheckpointer
 from moecompile.runtime.expert_parallel import reduce_gradients
-from tests.distributed import run_ranks
+from moecompile.runtime.spawn import run_ranks
 from tests.pec_worker import batch, state
 
 ROOT = Path(__file__).resolve().parents[1]

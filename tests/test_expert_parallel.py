@@ -1,6 +1,6 @@
 """Expert parallelism on 2 and 4 gloo processes equals one process: outputs and every gradient.
 
-Each test spawns its ranks once (tests/distributed.py) and runs a list of cases in them; every rank returns
+Each test spawns its ranks once (moecompile/runtime/spawn.py) and runs a list of cases in them; every rank returns
 the worst relative error per case and the test asserts on each. Rank r trains on slice r of a global batch
 that every rank can rebuild from a seed; the single-process reference runs the whole global batch.
 """
@@ -16,7 +16,7 @@ from moecompile.models import gpt_dense, gpt_moe
 from moecompile.runtime.expert_parallel import ExpertParallel, Placement, reduce_gradients
 from moecompile.validation import max_relative_error
 from tests import hf_families, hf_zoo
-from tests.distributed import run_ranks
+from moecompile.runtime.spawn import run_ranks
 from tests.zoo import BiasedBank, EinsumBank, LoopBank, Net
 
 TOL = 1e-5

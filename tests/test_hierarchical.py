@@ -1,7 +1,7 @@
 """The hierarchical (2D) all-to-all on 4 gloo ranks as 2 nodes × 2 equals the flat one, and a model optimized
 with it equals one process.
 
-Each test spawns its ranks once (tests/distributed.py) and runs its cases in them, as test_expert_parallel.py
+Each test spawns its ranks once (moecompile/runtime/spawn.py) and runs its cases in them, as test_expert_parallel.py
 does, whose model harness the second test reuses.
 """
 import torch
@@ -11,7 +11,7 @@ from torch.distributed.device_mesh import init_device_mesh
 import moecompile
 from moecompile.runtime import all_to_all as a2a
 from moecompile.runtime.hierarchical import Hierarchy
-from tests.distributed import run_ranks
+from moecompile.runtime.spawn import run_ranks
 from tests.test_expert_parallel import TOL, _build, _global_batch, _model_cases, _slice
 
 W = 4

@@ -17,21 +17,16 @@ Each row reports measured and predicted seconds; error = predicted / measured âˆ
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
-import tempfile
 import time
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moecompile.passes.schedule_overlap import list_schedule
 from moecompile.runtime.cost_model import LinkRates, all_to_all_seconds
+from moecompile.runtime.spawn import run_ranks
 from moecompile.sim.cluster import Cluster, Device
 from moecompile.sim.model import MoEConfig
 from moecompile.sim.replay import a2a_seconds, layer_dag, op_seconds
@@ -134,29 +129,13 @@ def _moe_layer(scale: float):
     return step
 
 
-def _rank_main(rank: int, port: int, tmp: str, scale: float, rounds: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
-    try:
-        result = _measure(scale, rounds)
-    finally:
-        dist.destroy_process_group()
-    Path(tmp, f"{rank}.json").write_text(json.dumps(result))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_main(rank: int, world: int, scale: float, rounds: int) -> dict:
+    return _measure(scale, rounds)
 
 
 def measure(scale: float = 1.0, rounds: int = 15) -> list[dict]:
     """Every rank's raw measurements (spawns WORLD processes; `scale` shrinks the sizes for a quick run)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_rank_main, args=(_free_port(), tmp, scale, rounds), nprocs=WORLD, join=True,
-                           start_method="spawn")
-        return [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(WORLD)]
+    return run_ranks(_rank_main, WORLD, scale, rounds, timeout_s=120.0)
 
 
 def fit(ranks: list[dict], scale: float = 1.0) -> tuple[Cluster, list[Row]]:

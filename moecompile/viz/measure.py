@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -34,6 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import moecompile
 from moecompile.passes.schedule_overlap import Schedule, Slot
+from moecompile.runtime.spawn import free_port
 from moecompile.viz.targets import load, make_inputs
 
 WARMUP_STEPS = 2
@@ -75,7 +75,7 @@ def measure(spec: str, example_input: list[str] | None, layers: int | None, rank
             overlap: str | int) -> Measured:
     """The last training step of `spec` (viz.targets.load's arguments) on `ranks` spawned gloo ranks."""
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(ranks, _free_port(), tmp, (spec, example_input, layers, overlap)),
+        ctx = mp.start_processes(_worker, args=(ranks, free_port(), tmp, (spec, example_input, layers, overlap)),
                                  nprocs=ranks, join=False, start_method="spawn")
         deadline = time.monotonic() + TIMEOUT_S
         try:
@@ -192,8 +192,3 @@ def _shifted(t: RankTimeline, origin: float) -> RankTimeline:
     layers = [LayerTimeline(lt.block, lt.chunks, move(lt.forward), move(lt.backward)) for lt in t.layers]
     return RankTimeline(t.rank, (t.step_s[0] - origin, t.step_s[1] - origin), t.forward_end_s - origin, layers)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

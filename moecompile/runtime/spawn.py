@@ -1,4 +1,5 @@
-"""Run a function on N gloo processes spawned by the test itself (CPU), and collect what each returns."""
+"""Run a function on N local gloo processes (CPU, spawned) and collect what each returns: for the tests, the
+simulator's calibration (moecompile.sim) and the benchmarks; `free_port` for spawners with their own workers."""
 import os
 import socket
 import tempfile
@@ -14,7 +15,7 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 240.0) -> list:
     """fn(rank, world_size, *args) on `world_size` processes; returns their results, rank order. A failure on
     any rank fails the caller with that rank's traceback."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(fn, world_size, _free_port(), tmp, timeout_s, args), nprocs=world_size,
+        mp.start_processes(_worker, args=(fn, world_size, free_port(), tmp, timeout_s, args), nprocs=world_size,
                            join=True, start_method="spawn")
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world_size)]
 
@@ -32,7 +33,7 @@ def _worker(rank, fn, world_size, port, tmp, timeout_s, args):
     torch.save(result, os.path.join(tmp, f"{rank}.pt"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
