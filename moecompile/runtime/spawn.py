@@ -26,6 +26,7 @@ def _worker(rank, fn, world_size, port, tmp, timeout_s, args):
                             timeout=timedelta(seconds=timeout_s))  # a rank that fails must not hang the rest
     try:
         result = fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears its connections down while a peer still uses them (gloo aborts it)
     except BaseException:
         raise RuntimeError(f"rank {rank} failed:\n{traceback.format_exc()}") from None
     finally:
