@@ -10,6 +10,10 @@ Models (random weights):
              128, d_ff 512), batch 16 x 128 bytes
   mixtral    transformers' MixtralForCausalLM, 2 layers, hidden 512, ffn 1024, 8 experts top-2, vocab 256,
              batch 4 x 256 tokens (the MoE layers carry most of the step)
+  qwen3-moe  transformers' Qwen3MoeForCausalLM with fine-grained experts (as in Qwen3-MoE, OLMoE, DeepSeek):
+             2 layers, hidden 256, 64 experts of ffn 128, top-8, vocab 256, batch 4 x 256 tokens
+Transformers 5 runs its experts with `torch._grouped_mm` by default ("grouped_mm"), so the Hugging Face
+rows here are grouped GEMMs already, not a loop over experts.
 Implementations: eager; inductor = torch.compile(model); moecompile_backend = torch.compile(model,
 backend="moecompile"); optimize = moecompile.optimize(model) (no torch.compile). Dynamo's
 capture_scalar_outputs and capture_dynamic_output_shape_ops are on for every row (the backend turns them on;
@@ -59,7 +63,17 @@ def mixtral_case():
     return model, (ids,), {"labels": ids}, lambda out: out.loss
 
 
-CASES = {"gpt-moe": gpt_case, "mixtral": mixtral_case}
+def qwen3_moe_case():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, decoder_sparse_step=1,
+        mlp_only_layers=[], max_position_embeddings=256, use_cache=False))
+    ids = torch.randint(0, 256, (4, 256), generator=torch.Generator().manual_seed(0))
+    return model, (ids,), {"labels": ids}, lambda out: out.loss
+
+
+CASES = {"gpt-moe": gpt_case, "mixtral": mixtral_case, "qwen3-moe": qwen3_moe_case}
 
 
 def build(impl: str, model, args, kwargs):

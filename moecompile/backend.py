@@ -10,17 +10,25 @@ the backend once per graph it captured:
         if fast lifted it: the block's nodes → one call of fast (parameters passed in, gradients flow to them)
         else: reported, with the reason (a graph break inside a block shows up here)
     AOTAutograd → forward and backward graphs → Inductor (compile_fx), or run as they are (compiler="eager")
+        in either, kernel selection (passes/inductor_kernels.py) on each graph: Inductor's post-grad pass
 
 The canonical ops are custom ops with fake implementations and autograd formulas, so AOTAutograd traces
 them into the forward and backward graphs as opaque calls; Inductor generates code for everything around
-them (C++ on CPU, Triton on CUDA) and calls moecompile's kernels for them. The ops each of those graphs
-holds are recorded for explain(). moecompile's rewrites all run on Dynamo's graph, before AOTAutograd, so
-none runs inside Inductor: a pass that does must be an Inductor `CustomGraphPass` with a `uuid()`, which
-Inductor's cache key includes. Options: those of optimize() that keep the model's parameters (`kernels`,
-`validate`, `tolerance`, `capacity_factor`, `batch_prioritized`) and `compiler`: "inductor" (default) or "eager" (AOTAutograd without code
-generation: for debugging and fast tests). `shortcut` and `mesh` create parameters, which a backend cannot
-hand back to the user's optimizer: compile `optimize(model, example_inputs, mesh=..., shortcut=...)`, whose
-blocks are lifted already (the backend then finds no selection to lift and compiles the rest).
+them (C++ on CPU, Triton on CUDA) and calls moecompile's kernels for them. The lifting runs on Dynamo's
+graph, before AOTAutograd; one pass runs inside Inductor: kernel selection, a `CustomGraphPass` handed to
+compile_fx as `config_patches={"post_grad_custom_post_pass": ...}`, which sets the backend of every op
+node of both graphs for the device they run on (or, with autotune, the fastest measured), never splitting a
+forward op from the backward that reads its saved tensors. Its `uuid()` is in Inductor's cache key (None
+with autotune: no caching, as measured times decide). The ops each graph holds and what the pass changed
+are recorded for explain(); `recorded` runs before the FX-graph cache's lookup, but the pass does not run on
+a hit (noted so), and a hit of AOTAutograd's cache skips both graphs' compilation (noted too). Options:
+those of optimize() that keep the model's parameters (`kernels`, `validate`, `tolerance`, `capacity_factor`,
+`batch_prioritized`; `kernels` also rules the pass), `autotune` (True, or torch.compile's
+mode="max-autotune": the pass times the backends; Inductor's own autotuning is not turned on), and
+`compiler`: "inductor" (default) or "eager" (AOTAutograd without code generation, the pass included: for
+debugging and fast tests). `shortcut` and `mesh` create parameters, which a backend cannot hand back to the
+user's optimizer: compile `optimize(model, example_inputs, mesh=..., shortcut=...)`, whose blocks are lifted
+already (the backend then finds no selection to lift and compiles the rest).
 
 Importing this module turns on Dynamo's `capture_scalar_outputs` and `capture_dynamic_output_shape_ops`: an
 MoE block's data-dependent sizes (token counts per expert, `nonzero`) then stay inside one graph instead of
@@ -38,6 +46,8 @@ import torch._dynamo
 from torch import fx
 
 from moecompile.frontend import dynamo
+from moecompile.kernels import BACKENDS
+from moecompile.passes.inductor_kernels import InductorKernels, Outcome, op_name
 from moecompile.report import MoELayer, Report
 
 log = logging.getLogger("moecompile.backend")
@@ -58,6 +68,7 @@ _REPORTS: dict[int, tuple[weakref.ref, list[Report]]] = {}
 def moecompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     options = dict(options or {})
     compiler = options.pop("compiler", "inductor")
+    autotune = bool(options.pop("autotune", False)) or (mode or "").startswith("max-autotune")
     refused = sorted(set(options) & set(REFUSED))
     if refused:
         raise ValueError(f"backend='moecompile': {', '.join(refused)} change the model's parameters, which a "
@@ -67,8 +78,12 @@ def moecompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
     unknown = sorted(set(options) - set(PASSED_ON))
     if unknown or compiler not in COMPILERS:
         raise ValueError(f"backend='moecompile': unknown option(s) {unknown or [compiler]}; options are "
-                         f"{', '.join(PASSED_ON)} and compiler ({' or '.join(COMPILERS)})")
+                         f"{', '.join(PASSED_ON)}, autotune and compiler ({' or '.join(COMPILERS)})")
+    if options.get("kernels", "auto") not in ("auto", *BACKENDS):  # optimize() would refuse it per block
+        raise ValueError(f"backend='moecompile': kernels={options['kernels']!r}; expected 'auto' or one of "
+                         f"{', '.join(BACKENDS)}")
     report = lift_blocks(gm, example_inputs, options)
+    selection = InductorKernels(options.get("kernels", "auto"), autotune)
     for value in example_inputs:
         if isinstance(value, torch.nn.Parameter):
             ref, reports = _REPORTS.get(id(value), (None, []))
@@ -82,15 +97,30 @@ def moecompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
         def run_as_is(which):
             def compile_graph(graph, _):
                 _record_ops(report, graph.graph, which)
+                selection(graph.graph)  # as in Inductor: the graphs run are those Inductor would compile
+                graph.recompile()
+                _record_selection(report, graph.graph, selection.outcomes[-1:], which)
                 return make_boxed_func(graph.forward)
             return compile_graph
         return aot_autograd(fw_compiler=run_as_is("forward"), bw_compiler=run_as_is("backward"))(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-    def recorded(graph, inputs, **kwargs):  # before Inductor's cache lookup: recorded on a cache hit too
-        _record_ops(report, graph.graph, "backward" if kwargs.get("is_backward") else "forward")
-        return compile_fx_inner(graph, inputs, **kwargs)
-    return compile_fx(gm, example_inputs, inner_compile=recorded)
+    seen = []
+
+    def recorded(graph, inputs, **kwargs):  # before the FX-graph cache's lookup: recorded on its hits too
+        which = "backward" if kwargs.get("is_backward") else "forward"
+        seen.append(which)
+        _record_ops(report, graph.graph, which)
+        ran = len(selection.outcomes)  # the pass adds one per (sub)graph it runs on: none on a cache hit
+        compiled = compile_fx_inner(graph, inputs, **kwargs)
+        _record_selection(report, graph.graph, selection.outcomes[ran:], which)
+        return compiled
+    compiled = compile_fx(gm, example_inputs, inner_compile=recorded,
+                          config_patches={"post_grad_custom_post_pass": selection})
+    if not seen:  # AOTAutograd's cache held both graphs: Inductor compiled neither here
+        report.notes.append("forward and backward graphs: from AOTAutograd's cache (compiled earlier, with the "
+                            "ops and kernel choices of then)")
+    return compiled
 
 
 def lift_blocks(gm: fx.GraphModule, example_inputs, options: dict) -> Report:
@@ -170,11 +200,19 @@ def _call_with_parameters(fast: torch.nn.Module, names: list[str], n_activations
 
 def _record_ops(report: Report, graph: fx.Graph, which: str) -> None:
     """Note which moecompile ops a forward or backward graph holds, for explain()."""
-    ops = Counter(n.target.name().split("::")[1].split(".")[0] for n in graph.nodes
-                  if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-                  and n.target.namespace == "moecompile")
+    ops = Counter(name for n in graph.nodes if (name := op_name(n)))
     report.notes.append(f"{which} graph: " + (", ".join(f"{op} ×{c}" for op, c in sorted(ops.items()))
                                               or "no moecompile ops"))
+
+
+def _record_selection(report: Report, graph: fx.Graph, outcomes: list[Outcome], which: str) -> None:
+    """Note what the kernel-selection pass did to a graph holding moecompile ops, or that it did not run."""
+    if not any(op_name(n) for n in graph.nodes):
+        return
+    if not outcomes:
+        report.notes.append(f"{which} graph: kernel selection did not run (Inductor's FX-graph cache held "
+                            "this graph, compiled with the choices the pass made then)")
+    report.notes += [f"{which} graph: {o}" for o in outcomes if o.nodes or o.error]
 
 
 def reports_for(model: torch.nn.Module) -> Report:

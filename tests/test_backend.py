@@ -3,6 +3,7 @@ Inductor once): outputs and every gradient equal eager, one compilation for repe
 bad options reported. Most tests use options={"compiler": "eager"} (no code generation: Inductor's C++ build
 takes tens of seconds on this machine); one test runs Inductor.
 """
+import functools
 import subprocess
 import sys
 
@@ -11,11 +12,14 @@ import torch
 
 import moecompile
 from moecompile import backend
+from moecompile.kernels import why_no_triton
 from moecompile.models import gpt_moe
+from moecompile.passes import inductor_kernels
+from moecompile.passes.inductor_kernels import InductorKernels, op_name
 from moecompile.validation import max_relative_error
 from tests import hf_zoo
 from moecompile.runtime.spawn import run_ranks
-from tests.helpers import assert_same_training_step
+from tests.helpers import assert_same_training_step, loss_of
 from tests.zoo import BiasedBank, EinsumBank, LoopBank, Net
 
 EAGER = {"compiler": "eager"}
@@ -137,25 +141,50 @@ def test_an_optimized_model_compiles():
     assert any("architecture changed" in n for n in report.notes)
 
 
-def _expert_parallel_compiled(rank, ws):
+def _expert_parallel_compiled(rank, ws, options):
+    """Max relative error of 3 compiled training steps (new tokens each) against the uncompiled model, and how
+    many times Dynamo called the backend."""
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("ep",))
     model, _, _ = _gpt()
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
-    fast = moecompile.optimize(model, (x, x), mesh=mesh)
+    fast = moecompile.optimize(model, (x, x), mesh=mesh, **options)
     params = dict(fast.named_parameters())
-    results = []
-    for m in (fast, _compiled(fast, fullgraph=False)):  # the exchange's async handles break the graph
-        for p in params.values():
-            p.grad = None
-        loss = m(x, x)[1]
-        loss.backward()
-        results.append([loss.detach()] + [p.grad.clone() for p in params.values()])
-    return max(max_relative_error(a, b, b) for a, b in zip(*results))
+    calls, original = [], backend.lift_blocks
+    backend.lift_blocks = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    # fullgraph: the exchanges' data-dependent splits stay in the graph; adaptive's table measures per call
+    compiled = _compiled(fast, fullgraph=options.get("parallelism") != "adaptive")
+    errors = []
+    for step in range(3):
+        x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(10 * step + rank))
+        results = []
+        for m in (fast, compiled):
+            for p in params.values():
+                p.grad = None
+            loss = m(x, x)[1]
+            loss.backward()
+            results.append([loss.detach()] + [p.grad.clone() for p in params.values()])
+        errors.append(max(max_relative_error(a, b, b) for a, b in zip(*results)))
+    backend.lift_blocks = original
+    return max(errors), len(calls)
 
 
-def test_an_expert_parallel_model_compiles():
-    assert max(run_ranks(_expert_parallel_compiled, 2)) < 1e-5
+@pytest.mark.parametrize("options", [{}, {"overlap": 2, "capacity_factor": 1.0}, {"overlap": 2, "shortcut": "scmoe"}],
+                         ids=["degree1", "degree2-capacity", "degree2-scmoe"])
+def test_an_expert_parallel_model_compiles_into_one_graph(options):
+    """An expert-parallel model (2 gloo ranks) compiles with fullgraph=True: the all-to-alls are functional
+    collectives on unbacked split sizes, so new routing does not recompile; every step equals the uncompiled
+    model (outputs and gradients)."""
+    for error, compilations in run_ranks(_expert_parallel_compiled, 2, options):
+        assert error < 1e-5
+        assert compilations == 1, f"compiled {compilations} times for 3 steps with new routing"
+
+
+def test_adaptive_parallelism_compiles_with_graph_breaks():
+    """Adaptive parallelism's table measures and switches r per call, which Dynamo cannot trace: it compiles
+    with graph breaks and still equals the uncompiled model at every step (its trials included)."""
+    for error, _ in run_ranks(_expert_parallel_compiled, 2, {"parallelism": "adaptive"}):
+        assert error < 1e-5
 
 
 def test_options_are_checked():
@@ -166,6 +195,8 @@ def test_options_are_checked():
         _compiled(model, fusion=True)(*args)
     with pytest.raises(Exception, match="unknown option"):
         _compiled(model, compiler="tvm")(*args)
+    with pytest.raises(Exception, match="kernels='cutlass'; expected"):
+        _compiled(model, kernels="cutlass")(*args)
 
 
 def test_kernels_option_reaches_the_lifted_blocks():
@@ -181,14 +212,133 @@ def test_registered_without_import():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+_RANKED = {"reference": 1.0, "triton": 2.0, "native": 3.0}  # ms: made-up timings that force every switch
+
+
 @pytest.mark.slow
-def test_inductor_trains_equal_to_eager():
-    """Inductor generates the code around the canonical ops (C++ here): outputs and gradients equal eager."""
+def test_inductor_trains_equal_to_eager(monkeypatch):
+    """Inductor generates the code around the canonical ops (C++ here): outputs and gradients equal eager. The
+    kernel-selection pass runs inside it on both graphs: with autotune timings under which reference is the
+    fastest and triton (Triton's interpreter here) the next, the forward graph's expert_ffn and the backward
+    graph's expert_ffn_backward move to triton together, route, dispatch and combine to reference, and
+    training still equals eager."""
+    monkeypatch.setattr(inductor_kernels, "_timed", lambda family, device, signature, b: _RANKED[b])
     model, args, kwargs = _gpt()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="moecompile", fullgraph=True)
+    compiled = torch.compile(model, backend="moecompile", options={"autotune": True}, fullgraph=True)
     assert_same_training_step(model, compiled, args, kwargs)
-    _assert_all_lifted(compiled, 2)
+    notes = " ".join(_assert_all_lifted(compiled, 2).notes)
+    triton = why_no_triton("cpu") is None
+    # autotune: no cache serves the graphs (uuid() is None), so the pass ran on both
+    assert f"forward graph: kernel selection: {6 + 2 * triton} of 8" in notes, notes
+    assert "route native→reference ×2" in notes and "combine native→reference ×2" in notes, notes
+    assert ("expert_ffn native→triton ×2" in notes) == triton, notes
+    assert ("expert_ffn_backward native→triton ×2" in notes) == triton, notes
+
+
+def _lifted_net():
+    """A hand-written block in a small net, and its optimize() result (native kernels here)."""
+    torch.manual_seed(0)
+    model, x = Net(LoopBank()), torch.randn(2, 5, 32)
+    return model, moecompile.optimize(model, (x,)), x
+
+
+def _aot_graphs(model, args) -> list:
+    """(graph, real inputs) of the forward and the backward graph AOTAutograd makes of `model` in one
+    training step, without the moecompile backend (so without the pass)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    calls = []
+
+    def capture(graph, _):
+        def run(*inputs):
+            calls.append((graph, inputs))
+            return graph(*inputs)
+        return make_boxed_func(run)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), fullgraph=True)
+    loss_of(compiled(*args)).backward()
+    return calls
+
+
+def _backends(graph: torch.fx.GraphModule) -> dict[str, str]:
+    return {name: n.args[-1] for n in graph.graph.nodes if (name := op_name(n))}
+
+
+def test_kernel_selection_pass_rewrites_what_both_graphs_allow():
+    """The pass alone on AOTAutograd's graphs: kernels="reference" moves the forward's route, dispatch and
+    combine to reference (their saved tensors are their inputs and outputs, the same under any backend) and
+    keeps expert_ffn (reference saves none of its activations) and every backward op (reference's backward
+    is plain torch, no such op); the forward graph computes the same values as before."""
+    _, fast, x = _lifted_net()
+    (forward, inputs), (backward, _) = _aot_graphs(fast, (x,))
+    assert set(_backends(forward).values()) == set(_backends(backward).values()) == {"native"}
+    before = forward(*inputs)
+    selection = InductorKernels("reference")
+    selection(forward.graph)
+    forward.recompile()
+    assert _backends(forward) == {"route": "reference", "dispatch": "reference", "expert_ffn": "native",
+                                  "combine": "reference"}
+    outcome = selection.outcomes[-1]
+    assert sum(outcome.changed.values()) == 3 and list(outcome.kept) == ["expert_ffn"]
+    for a, b in zip(before, forward(*inputs)):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    selection(backward.graph)
+    outcome = selection.outcomes[-1]
+    assert set(_backends(backward).values()) == {"native"} and not outcome.changed and len(outcome.kept) == 4
+
+
+def test_kernel_selection_uuid_is_stable_and_follows_the_options():
+    """Inductor's cache key holds uuid(): the same in another process, different for other options, and None
+    (no caching) with autotune, whose choice rests on measured times."""
+    uuid = InductorKernels("auto").uuid()
+    assert isinstance(uuid, str) and uuid == InductorKernels("auto").uuid()
+    assert uuid != InductorKernels("native").uuid() != InductorKernels("reference").uuid()
+    assert InductorKernels("auto", autotune=True).uuid() is None
+    code = "from moecompile.passes.inductor_kernels import InductorKernels; print(InductorKernels('auto').uuid())"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == uuid
+
+
+def test_autotune_keeps_the_fastest_and_both_graphs_agree(monkeypatch):
+    """Real timings (Triton's interpreter counts as runnable here, conftest sets TRITON_INTERPRET=1): every
+    forward op takes its family's fastest backend, and the backward graph, passed separately, reads the
+    same timings: expert_ffn_backward takes expert_ffn's backend, whose saved tensors it reads."""
+    monkeypatch.setattr(inductor_kernels, "_TIMES", {})
+    _, fast, x = _lifted_net()
+    (forward, _), (backward, _) = _aot_graphs(fast, (x,))
+    selection = InductorKernels("auto", autotune=True)
+    selection(forward.graph)
+    timed = selection.outcomes[-1].timed
+    triton = why_no_triton("cpu") is None  # expert_ffn: native or triton, so timed only when triton can run
+    assert {f: len(t) for f, t in timed.items()} == {"route": 2 + triton, "dispatch": 2 + triton,
+                                                     "combine": 2 + triton, **({"expert_ffn": 2} if triton else {})}
+    assert all(_backends(forward)[f] == min(t, key=t.get) for f, t in timed.items())
+    selection(backward.graph)
+    chosen = _backends(backward)
+    assert chosen["expert_ffn_backward"] == _backends(forward)["expert_ffn"]
+    assert selection.outcomes[-1].timed.get("expert_ffn") == timed.get("expert_ffn")  # timed once, for the forward
+    combine = {b: ms for b, ms in timed["combine"].items() if b != "reference"}
+    assert chosen["combine_backward"] == min(combine, key=combine.get)
+    assert chosen["route_backward"] == chosen["dispatch_backward"] == "native"  # no forward arguments: device's
+
+
+def test_max_autotune_mode_selects_in_both_graphs(monkeypatch):
+    """mode="max-autotune" turns autotune on; with the eager compiler the pass runs on AOTAutograd's graphs
+    as Inductor would, and training with the switched backends equals eager."""
+    monkeypatch.setattr(inductor_kernels, "_timed", lambda family, device, signature, b: _RANKED[b])
+    model, fast, x = _lifted_net()
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, backend=functools.partial(backend.moecompile_backend, options=EAGER,
+                                                             mode="max-autotune"), fullgraph=True)
+    assert_same_training_step(model, compiled, (x,), {})
+    notes = " ".join(moecompile.explain(compiled).notes)
+    if why_no_triton("cpu") is None:  # expert_ffn and its backward to triton, combine_backward too
+        assert "forward graph: kernel selection: 4 of 4" in notes and "backward graph: kernel selection: 2 of 4" \
+            in notes and "expert_ffn_backward native→triton ×1" in notes, notes
+    else:  # reference for route, dispatch and combine; expert_ffn and the backward ops have no other choice
+        assert "forward graph: kernel selection: 3 of 4" in notes and "backward graph: kernel selection: 0 of 4" \
+            in notes, notes
 
 
 def test_capacity_options_reach_the_lifted_blocks():

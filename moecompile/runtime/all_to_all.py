@@ -19,6 +19,7 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
 
@@ -113,3 +114,22 @@ def wait(token: Tensor, ex: Exchange) -> Tensor:
     if token.requires_grad:
         return _Wait.apply(token, ex)
     return ex.finish("forward")
+
+
+
+# ---- traced (torch.compile) ---------------------------------------------------------------------------------
+# The start/wait pair above is opaque Python to Dynamo (its work handle breaks the graph). Traced code uses the
+# functional collective ops instead: `_c10d_functional.all_to_all_single` issues the exchange and returns its
+# future result, `wait_tensor` is the wait; both are graph nodes with autograd formulas (the backward issues the
+# reverse exchange). Calling the two ops directly, rather than through torch.distributed._functional_collectives
+# (whose traced form waits at once), keeps the wait where the schedule puts it. Splits may be unbacked SymInts.
+# Always "linear": the 2D algorithm's worker thread cannot be traced.
+
+def start_traced(x: Tensor, in_splits: list, out_splits: list, group) -> Tensor:
+    """Issue the exchange of x's rows; the result may be read only after `wait_traced`."""
+    return torch.ops._c10d_functional.all_to_all_single(x.contiguous(), out_splits, in_splits,
+                                                        fc._resolve_group_name(group))
+
+
+def wait_traced(in_flight: Tensor) -> Tensor:
+    return torch.ops._c10d_functional.wait_tensor(in_flight)

@@ -117,11 +117,22 @@ class ExpertParallel:
         """The whole exchange in the schedule's order → (y_perm [N, D], side()). `ffn(x, counts)` runs the
         local experts on rows grouped by local expert; `side`, work independent of the exchange (a shared
         expert), runs at the schedule's ("side", 0) step, while rows are in flight."""
+        if torch.compiler.is_compiling():  # traced: no timers, no re-tuning (the degree is part of the graph)
+            return self._walk(x_perm, counts, ffn, capacity_rows, side)
         backward_s = self.fold_backward()  # the previous call's backward, if it has run
         tuning = self.tuner is not None and self.tuner.chosen is None
         if tuning:
             self.tuner.record(self, backward_s)
         began = time.perf_counter()
+        y_perm, side_out = self._walk(x_perm, counts, ffn, capacity_rows, side)
+        elapsed = time.perf_counter() - began
+        self.stats["calls"] += 1
+        self.stats["region"] += elapsed
+        if tuning:
+            self.tuner.previous_s = elapsed if torch.is_grad_enabled() and y_perm.requires_grad else None
+        return y_perm, side_out
+
+    def _walk(self, x_perm, counts, ffn, capacity_rows, side) -> tuple[Tensor, object]:
         flight, side_out = self.start(x_perm, counts, capacity_rows), None
         order = self.order or pipeline_order(self.chunks)
         if side is not None and ("side", 0) not in order:  # after the first send: it computes while rows travel
@@ -131,13 +142,7 @@ class ExpertParallel:
                 side_out = side() if side is not None else None
             else:
                 flight.step(step, c, ffn)
-        y_perm = flight.result()
-        elapsed = time.perf_counter() - began
-        self.stats["calls"] += 1
-        self.stats["region"] += elapsed
-        if tuning:
-            self.tuner.previous_s = elapsed if torch.is_grad_enabled() and y_perm.requires_grad else None
-        return y_perm, side_out
+        return flight.result(), side_out
 
 
 @dataclass
@@ -194,10 +199,15 @@ class Flight:
     """One layer's rows in flight between the ranks: the chunk plans (after the counts exchange, unless the
     blocks are fixed-size), advanced by steps in any order that respects each chunk's send → experts →
     collect, then read with `result()`. `ExpertParallel.run` walks the schedule's order at once; a
-    shortcut-connected block sends early (`send_all`, where its input appears) and finishes later."""
+    shortcut-connected block sends early (`send_all`, where its input appears) and finishes later.
+
+    Under torch.compile (`traced`) the exchanges are functional collectives (all_to_all.start_traced and
+    wait_traced, at the same steps as eager's start and wait) on split sizes read with `.tolist()`: Dynamo's
+    capture_scalar_outputs makes them unbacked SymInts, so the data-dependent splits stay in one graph. Eager
+    runs the start/wait autograd pair, with its stats and traces."""
 
     def __init__(self, ep: ExpertParallel, x_perm: Tensor, counts: Tensor, capacity_rows: int | None):
-        self.ep, self.slot = ep, None
+        self.ep, self.slot, self.traced = ep, None, torch.compiler.is_compiling()
         n, sizes = ep.chunks, ep.placement.sizes
         mine = sizes[ep.rank]
         if capacity_rows is not None:  # fixed [E, C] blocks: pad each expert's rows to C, nothing to ask
@@ -208,12 +218,17 @@ class Flight:
             x_perm = x_perm.new_zeros(E * capacity_rows, x_perm.shape[1]).index_copy(0, self.slot, x_perm)
             send, recv = [capacity_rows] * E, [[capacity_rows] * mine for _ in range(ep.size)]
         else:  # what every source sends each of my experts: send [E, 1] → receive [ep·E_r, 1] (tiny; blocking)
-            recv_counts = counts.new_empty(ep.size * mine)
-            dist.all_to_all_single(recv_counts, counts.contiguous(), [mine] * ep.size, list(sizes), group=ep.group)
-            send = counts.tolist()                                            # [E] host ints
-            recv = recv_counts.view(ep.size, mine).tolist()                   # [ep][E_r]
+            recv_splits, send_splits = [mine] * ep.size, list(sizes)
+            if self.traced:
+                recv_counts = a2a.wait_traced(a2a.start_traced(counts, send_splits, recv_splits, ep.group))
+            else:
+                recv_counts = counts.new_empty(ep.size * mine)
+                dist.all_to_all_single(recv_counts, counts.contiguous(), recv_splits, send_splits, group=ep.group)
+            send = _host_sizes(counts, self.traced)                           # [E] host ints
+            recv = _host_sizes(recv_counts, self.traced)                      # [ep·E_r]
+            recv = [recv[s * mine:(s + 1) * mine] for s in range(ep.size)]    # [ep][E_r]
         owners = [r for r, k in enumerate(sizes) for _ in range(k)]           # expert → rank
-        self.plans = [_ChunkPlan(send, recv, owners, ep, c, n, x_perm.device) for c in range(n)]
+        self.plans = [_ChunkPlan(send, recv, owners, ep, c, n, x_perm.device, self.traced) for c in range(n)]
         self.x_perm, self.inbound, self.back, self.results = x_perm, {}, {}, [None] * n
         self.experts_done = False
 
@@ -221,19 +236,30 @@ class Flight:
         p = self.plans[c]
         if step == "send":
             rows = self.x_perm if p.rows is None else self.x_perm.index_select(0, p.rows)
-            self.inbound[c] = a2a.start(rows, p.there)
+            self.inbound[c] = self._start(rows, p, out=True)
         elif step == "experts":
-            got = a2a.wait(self.inbound.pop(c), p.there)                       # [M, D] (source, expert)-major
-            began = time.perf_counter() if self.ep.trace is not None else 0.0
+            got = self._wait(self.inbound.pop(c), p, out=True)                # [M, D] (source, expert)-major
+            timed = self.ep.trace is not None and not self.traced
+            began = time.perf_counter() if timed else 0.0
             local = got if p.regroup is None else got.index_select(0, p.regroup)
             y = ffn(local, p.local_counts)
-            self.back[c] = a2a.start(y if p.regroup is None else y.index_select(0, p.ungroup), p.back)
-            if self.ep.trace is not None:
+            self.back[c] = self._start(y if p.regroup is None else y.index_select(0, p.ungroup), p, out=False)
+            if timed:
                 self.ep.trace.append(("compute", "experts", c, began, time.perf_counter()))
         elif step == "collect":
-            self.results[c] = a2a.wait(self.back.pop(c), p.back)
+            self.results[c] = self._wait(self.back.pop(c), p, out=False)
         else:
             raise ValueError(f"unknown schedule step {step!r}")
+
+    def _start(self, rows: Tensor, p: "_ChunkPlan", out: bool):
+        """Send chunk rows to the experts (`out`) or the experts' results home; → what `_wait` takes."""
+        if self.traced:
+            splits = (p.in_splits, p.out_splits) if out else (p.out_splits, p.in_splits)
+            return a2a.start_traced(rows, *splits, self.ep.group)
+        return a2a.start(rows, p.there if out else p.back)
+
+    def _wait(self, token, p: "_ChunkPlan", out: bool) -> Tensor:
+        return a2a.wait_traced(token) if self.traced else a2a.wait(token, p.there if out else p.back)
 
     def send_all(self) -> None:
         for c in range(len(self.plans)):
@@ -261,23 +287,34 @@ class Flight:
         return y if self.slot is None else y.index_select(0, self.slot)
 
 
-class _ChunkPlan:
-    """Chunk c of n: each expert's rows [⌊c·cnt/n⌋, ⌊(c+1)·cnt/n⌋) of its block, on both sides of the exchange."""
+def _host_sizes(counts: Tensor, traced: bool) -> list:
+    """counts as host ints; traced, unbacked SymInts that the compiler is told are sizes (≥ 0)."""
+    sizes = counts.tolist()
+    if traced:
+        for s in sizes:
+            torch._check(s >= 0)
+    return sizes
 
-    def __init__(self, send, recv, owners, ep, c, n, device):
+
+class _ChunkPlan:
+    """Chunk c of n: each expert's rows [⌊c·cnt/n⌋, ⌊(c+1)·cnt/n⌋) of its block, on both sides of the exchange.
+    Eager, `there` and `back` are the two exchanges (all_to_all.Exchange); traced, the splits are enough."""
+
+    def __init__(self, send, recv, owners, ep, c, n, device, traced=False):
         part = lambda cnt: cnt * (c + 1) // n - cnt * c // n  # noqa: E731
         mine = ep.placement.sizes[ep.rank]
         sent = [part(x) for x in send]                                          # [E]
         got = [[part(x) for x in row] for row in recv]                          # [ep][E_r]
-        out_splits = [sum(row) for row in got]
-        in_splits = [0] * ep.size
+        self.out_splits = out_splits = [sum(row) for row in got]
+        self.in_splits = in_splits = [0] * ep.size
         for e, k in enumerate(sent):
             in_splits[owners[e]] += k
-        how = ep.algorithm, ep.hierarchy
-        self.there = a2a.Exchange(ep.group, in_splits, out_splits, sum(out_splits), ep.stats, *how)
-        self.back = a2a.Exchange(ep.group, out_splits, in_splits, sum(in_splits), ep.stats, *how)
-        if ep.trace is not None:  # each exchange's role: backward, the gradients travel the other way
-            self.there.trace, self.back.trace = (ep.trace, c, "send", "return"), (ep.trace, c, "return", "send")
+        if not traced:
+            how = ep.algorithm, ep.hierarchy
+            self.there = a2a.Exchange(ep.group, in_splits, out_splits, sum(out_splits), ep.stats, *how)
+            self.back = a2a.Exchange(ep.group, out_splits, in_splits, sum(in_splits), ep.stats, *how)
+            if ep.trace is not None:  # each exchange's role: backward, the gradients travel the other way
+                self.there.trace, self.back.trace = (ep.trace, c, "send", "return"), (ep.trace, c, "return", "send")
         self.local_counts = torch.tensor([sum(row[e] for row in got) for e in range(mine)], dtype=torch.int64,
                                          device=device)
         self.rows = None if n == 1 else _segments([x * c // n for x in send], sent, _starts(send), device)
