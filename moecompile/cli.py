@@ -22,10 +22,11 @@ from pathlib import Path
 from rich.console import Console
 
 import moecompile
+from moecompile.runtime.spawn import RankFailed
 from moecompile.viz import FORMATS, format_for, render
 from moecompile.viz.formats import pick_stage
 from moecompile.viz.graph import capture
-from moecompile.viz.measure import RankFailed, measure
+from moecompile.viz.measure import measure
 from moecompile.viz.schedule import measured_title
 from moecompile.viz.targets import HF_FAMILIES, TargetError, load
 

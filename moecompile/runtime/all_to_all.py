@@ -116,13 +116,13 @@ def wait(token: Tensor, ex: Exchange) -> Tensor:
     return ex.finish("forward")
 
 
-
 # ---- traced (torch.compile) ---------------------------------------------------------------------------------
 # The start/wait pair above is opaque Python to Dynamo (its work handle breaks the graph). Traced code uses the
 # functional collective ops instead: `_c10d_functional.all_to_all_single` issues the exchange and returns its
-# future result, `wait_tensor` is the wait; both are graph nodes with autograd formulas (the backward issues the
-# reverse exchange). Calling the two ops directly, rather than through torch.distributed._functional_collectives
-# (whose traced form waits at once), keeps the wait where the schedule puts it. Splits may be unbacked SymInts.
+# future result, `wait_tensor` is the wait; both are graph nodes with autograd formulas (the backward issues
+# the reverse exchange and waits for it at once). Calling the two ops directly, rather than through
+# torch.distributed._functional_collectives (whose traced form waits at once), keeps the wait where the
+# schedule puts it. Splits may be unbacked SymInts.
 # Always "linear": the 2D algorithm's worker thread cannot be traced.
 
 def start_traced(x: Tensor, in_splits: list, out_splits: list, group) -> Tensor:

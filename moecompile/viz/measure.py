@@ -1,13 +1,14 @@
 """The measured expert-parallel timeline: a target trained for a few steps on N gloo processes of this
 machine, and what every rank's MoE layers did in the last step, beside what the cost model predicted.
 
-Contract:  measure(spec, example_input, layers, ranks, overlap) spawns `ranks` processes (one thread each,
-           tcp://127.0.0.1 on a free port). Each builds the target (same seeded weights), draws its own batch
-           of the example inputs' shapes, runs `moecompile.optimize(model, batch, mesh=init_device_mesh("cpu",
-           (ranks,)), overlap=overlap)`, then training steps (forward, a loss, backward; no optimizer step):
-           WARMUP_STEPS, more while overlap="auto" is still re-tuning (at most MAX_STEPS), then one measured
-           with every layer's `ExpertParallel.trace` on. A rank that fails, or ranks that do not finish within
-           TIMEOUT_S, raise RankFailed with the rank's traceback; the other ranks are ended.
+Contract:  measure(spec, example_input, layers, ranks, overlap) spawns `ranks` processes with
+           runtime.spawn.run_ranks (one thread each, tcp://127.0.0.1 on a free port). Each builds the target
+           (same seeded weights), draws its own batch of the example inputs' shapes, runs
+           `moecompile.optimize(model, batch, mesh=init_device_mesh("cpu", (ranks,)), overlap=overlap)`, then
+           training steps (forward, a loss, backward; no optimizer step): WARMUP_STEPS, more while
+           overlap="auto" is still re-tuning (at most MAX_STEPS), then one measured with every layer's
+           `ExpertParallel.trace` on. A rank that fails, or ranks that do not finish within
+           TIMEOUT_S, raise spawn.RankFailed with the rank's traceback; the other ranks are ended.
 Times:     perf_counter seconds from the measured step's start on the earliest rank. Processes of one machine
            read one monotonic clock, so the ranks' lanes share an axis (and show which rank waited for which).
 Slots:     lanes "compute", "link", "issue" (inside an exchange's launch call: with gloo on CPU it can take
@@ -18,31 +19,21 @@ Slots:     lanes "compute", "link", "issue" (inside an exchange's launch call: w
 """
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
 import time
-import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 import moecompile
 from moecompile.passes.schedule_overlap import Schedule, Slot
-from moecompile.runtime.spawn import free_port
+from moecompile.runtime.spawn import run_ranks
 from moecompile.viz.targets import load, make_inputs
 
 WARMUP_STEPS = 2
 MAX_STEPS = 60
 TIMEOUT_S = 180.0
-
-
-class RankFailed(RuntimeError):
-    """A rank of the measured run raised, died or hung; the message holds what it printed."""
 
 
 @dataclass
@@ -74,46 +65,11 @@ class Measured:
 def measure(spec: str, example_input: list[str] | None, layers: int | None, ranks: int,
             overlap: str | int) -> Measured:
     """The last training step of `spec` (viz.targets.load's arguments) on `ranks` spawned gloo ranks."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(ranks, free_port(), tmp, (spec, example_input, layers, overlap)),
-                                 nprocs=ranks, join=False, start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not ctx.join(timeout=1.0):  # raises once a rank failed, after ending the others
-                if time.monotonic() > deadline:
-                    raise RankFailed(f"the {ranks} ranks did not finish within {TIMEOUT_S:.0f} s")
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-            raise RankFailed(_first_failure(tmp) or str(e).strip()) from None
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-                    p.join()
-        results = []
-        for r in range(ranks):
-            with open(os.path.join(tmp, f"{r}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
+    results = run_ranks(_run, ranks, spec, example_input, layers, overlap, timeout_s=TIMEOUT_S, deadline_s=TIMEOUT_S)
     origin = min(t.step_s[0] for t, _, _, _ in results)
     timelines = [_shifted(t, origin) for t, _, _, _ in results]
     _, schedules, tuning, steps = results[0]
     return Measured(ranks, overlap, steps, timelines, schedules, tuning)
-
-
-def _worker(rank: int, ranks: int, port: int, tmp: str, job: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ranks,
-                            timeout=timedelta(seconds=TIMEOUT_S))  # a rank that fails must not hang the rest
-    try:
-        result = _run(rank, ranks, *job)
-    except BaseException:
-        text = f"rank {rank} of {ranks} failed:\n{traceback.format_exc()}"
-        with open(os.path.join(tmp, f"{rank}.err"), "w") as f:
-            f.write(f"{time.monotonic()}\n{text}")
-        raise RuntimeError(text) from None
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(tmp, f"{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
 
 
 def _run(rank, ranks, spec, example_input, layers, overlap):
@@ -151,18 +107,6 @@ def _run(rank, ranks, spec, example_input, layers, overlap):
     schedules = {name: ep.schedule for name, ep in eps if ep.schedule is not None}
     tuning = {name: ep.tuner.summary() for name, ep in eps if ep.tuner is not None}
     return timeline, schedules, tuning, steps + 1
-
-
-def _first_failure(tmp: str) -> str | None:
-    """The traceback of the rank that failed first: the others' errors (a peer's connection closed) follow
-    from it, and any of them may be the one the parent noticed first."""
-    failures = []
-    for name in os.listdir(tmp):
-        if name.endswith(".err"):
-            with open(os.path.join(tmp, name)) as f:
-                when, text = f.read().split("\n", 1)
-            failures.append((float(when), text))
-    return min(failures)[1] if failures else None
 
 
 def _loss(out) -> torch.Tensor:
