@@ -25,7 +25,10 @@ times), fixed degrees, and "scmoe": the same model converted by `optimize(shortc
 architecture with the same FLOPs per token: top-1 routed on the preceding block's MLP input plus a gated
 shared expert), whose rows leave before the preceding block's MLP and attention run; and "dgmoe", the
 paper's DoubleGating variant (the experts top-1 twice, on the shortcut and on the block's input), where only
-the shortcut half leaves early.
+the shortcut half leaves early. "off+compile" and "4+compile": those models under torch.compile(backend=
+"moecompile", fullgraph=True), one graph whose all-to-alls are functional collectives (Inductor sinks each
+wait to its first use); compiled calls record no exchange statistics, so their exposed time, overlap ratio
+and region columns are empty.
 
 Run: python benchmarks/ep_overlap.py [--quick] [--steps N]   (as root for the rate-limited link)
 Results: a table on stdout and benchmarks/results/ep_overlap.json (ep_overlap_quick.json with --quick).
@@ -49,7 +52,8 @@ CONFIG = dict(n_layer=4, d_model=256, d_ff=1024, n_head=4, num_experts=8, top_k=
 BATCH, SEQ = 8, 256
 QUICK = dict(config=dict(CONFIG, d_model=128, d_ff=512, max_seq=128), batch=4, seq=128)
 SETTINGS = (("PCIe-like", 0.60), ("NVLink-like", 0.15))
-VARIANTS = ("off", "auto", "2", "4", "scmoe", "dgmoe")  # the last two: optimize(shortcut=...) conversions
+VARIANTS = ("off", "auto", "2", "4", "scmoe", "dgmoe", "off+compile", "4+compile")
+COMPILED = "+compile"  # the variant under torch.compile(backend="moecompile", fullgraph=True)
 PORT = 29613
 CALIBRATION_PROBES = 3
 
@@ -81,7 +85,9 @@ def worker(args):
         if v in ("scmoe", "dgmoe"):  # same FLOPs per token; (some of) the rows leave before the preceding MLP
             return moecompile.optimize(model, (ids,), mesh=mesh, shortcut=v)
         return moecompile.optimize(model, (ids,), mesh=mesh, overlap=v if v in ("off", "auto") else int(v))
-    models = {v: build(v) for v in variants}
+    optimized = {v: build(v.removesuffix(COMPILED)) for v in variants}
+    models = {v: torch.compile(m, backend="moecompile", fullgraph=True) if v.endswith(COMPILED) else m
+              for v, m in optimized.items()}
 
     def step(m):
         for p in m.parameters():
@@ -89,18 +95,18 @@ def worker(args):
         logits, _ = m(ids)
         logits.float().mean().backward()
 
-    def layers(m):
-        return [layer.spec.parallel for layer in moecompile.explain(m).moe_layers]
+    def layers(v):
+        return [layer.spec.parallel for layer in moecompile.explain(optimized[v]).moe_layers]
 
     # warm-up: two steps, and for "auto" until its measured re-tuning has settled in every layer
     for i in range(40):
-        settled = all(ep.tuner is None or ep.tuner.chosen is not None for v in variants for ep in layers(models[v]))
+        settled = all(ep.tuner is None or ep.tuner.chosen is not None for v in variants for ep in layers(v))
         if i >= 2 and settled:
             break
         for v in variants:
             step(models[v])
     for v in variants:
-        for ep in layers(models[v]):
+        for ep in layers(v):
             ep.stats.clear()
     times = {v: [] for v in variants}
     for i in range(args.steps):
@@ -110,11 +116,11 @@ def worker(args):
             step(models[v])
             times[v].append(time.perf_counter() - t)
     for v in variants:
-        for ep in layers(models[v]):
+        for ep in layers(v):
             ep.fold_backward()
     result = {}
     for v in variants:
-        eps = layers(models[v])
+        eps = layers(v)
         n = args.steps
         per = lambda key: sum(ep.stats[key] for ep in eps) / n  # noqa: E731  (per step, summed over layers)
         local = torch.tensor([median(times[v]), per("forward") + per("backward"),
@@ -122,7 +128,9 @@ def worker(args):
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
         step_s, exposed_s, region_s = local.tolist()
         result[v] = {"step_ms": step_s * 1e3, "tuning": [ep.tuner.summary() for ep in eps if ep.tuner],
-                     "shortcut_slots": [ep.schedule.note for ep in eps if ep.schedule.note], "exposed_ms": exposed_s * 1e3, "region_ms": region_s * 1e3,
+                     "shortcut_slots": [ep.schedule.note for ep in eps if ep.schedule.note],
+                     "exposed_ms": None if v.endswith(COMPILED) else exposed_s * 1e3,
+                     "region_ms": None if v.endswith(COMPILED) else region_s * 1e3,
                      "chunks": [ep.chunks for ep in eps],
                      "predicted_region_ms": sum(ep.schedule.predicted_total_s for ep in eps) * 1e3,
                      "predicted_comm_ms": sum(ep.schedule.comm_s for ep in eps) * 1e3,
@@ -189,22 +197,24 @@ def main():
         off = result["off"]
         added = None if target is None else (off["region_ms"] - unlimited_region) / off["region_ms"]
         for v, r in result.items():
-            overlap = None if v == "off" or not off["exposed_ms"] else 1 - r["exposed_ms"] / off["exposed_ms"]
-            # a shortcut block's exchange spans the blocks before it: no region time, no per-layer prediction
-            staged = v in ("scmoe", "dgmoe")
-            predicted_step = None if staged else r["step_ms"] - r["region_ms"] + r["predicted_region_ms"]
+            # a shortcut block's exchange spans the blocks before it: no region time, no per-layer prediction;
+            # a compiled one records no exchange statistics
+            staged, compiled = v in ("scmoe", "dgmoe"), v.endswith(COMPILED)
+            overlap = None if v == "off" or compiled or not off["exposed_ms"] else \
+                1 - r["exposed_ms"] / off["exposed_ms"]
+            predicted_step = None if staged or compiled else r["step_ms"] - r["region_ms"] + r["predicted_region_ms"]
             entry = {"link": link, "target_comm_fraction": target, "comm_fraction": added, "variant": v,
                      "chunks": r["chunks"], "tuning": r["tuning"], "shortcut_slots": r["shortcut_slots"],
                      "step_ms": r["step_ms"],
                      "speedup_vs_off": off["step_ms"] / r["step_ms"], "overlap_ratio": overlap,
                      "exposed_comm_ms": r["exposed_ms"], "region_ms": None if staged else r["region_ms"],
-                     "predicted_region_ms": None if staged else r["predicted_region_ms"],
+                     "predicted_region_ms": None if staged or compiled else r["predicted_region_ms"],
                      "predicted_step_ms": predicted_step}
             settings.append(entry)
             rows.append([link, v, str(r["chunks"]), f"{r['step_ms']:.0f}", f"{entry['speedup_vs_off']:.2f}x",
-                         "-" if added is None else f"{added:.0%}", f"{r['exposed_ms']:.0f}",
-                         "-" if overlap is None else f"{overlap:.0%}",
-                         *(["-"] * 3 if staged else [f"{r['region_ms']:.0f}", f"{r['predicted_region_ms']:.0f}",
+                         "-" if added is None else f"{added:.0%}",
+                         "-" if compiled else f"{r['exposed_ms']:.0f}", "-" if overlap is None else f"{overlap:.0%}",
+                         *(["-"] * 3 if staged or compiled else [f"{r['region_ms']:.0f}", f"{r['predicted_region_ms']:.0f}",
                                                      f"{predicted_step:.0f}"])])
     from rich.console import Console
     Console(width=170).print(table(

@@ -141,7 +141,7 @@ def test_an_optimized_model_compiles():
     assert any("architecture changed" in n for n in report.notes)
 
 
-def _expert_parallel_compiled(rank, ws, options):
+def _expert_parallel_compiled(rank, ws, options, compiler="eager"):
     """Max relative error of 3 compiled training steps (new tokens each) against the uncompiled model, and how
     many times Dynamo called the backend."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -153,7 +153,7 @@ def _expert_parallel_compiled(rank, ws, options):
     calls, original = [], backend.lift_blocks
     backend.lift_blocks = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     # fullgraph: the exchanges' data-dependent splits stay in the graph; adaptive's table measures per call
-    compiled = _compiled(fast, fullgraph=options.get("parallelism") != "adaptive")
+    compiled = _compiled(fast, fullgraph=options.get("parallelism") != "adaptive", compiler=compiler)
     errors = []
     for step in range(3):
         x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(10 * step + rank))
@@ -169,13 +169,15 @@ def _expert_parallel_compiled(rank, ws, options):
     return max(errors), len(calls)
 
 
-@pytest.mark.parametrize("options", [{}, {"overlap": 2, "capacity_factor": 1.0}, {"overlap": 2, "shortcut": "scmoe"}],
-                         ids=["degree1", "degree2-capacity", "degree2-scmoe"])
-def test_an_expert_parallel_model_compiles_into_one_graph(options):
+@pytest.mark.parametrize("options, compiler", [({}, "eager"), ({"overlap": 2, "capacity_factor": 1.0}, "eager"),
+                                               ({"overlap": 2, "shortcut": "scmoe"}, "eager"),
+                                               ({"overlap": 2}, "inductor")],
+                         ids=["degree1", "degree2-capacity", "degree2-scmoe", "degree2-inductor"])
+def test_an_expert_parallel_model_compiles_into_one_graph(options, compiler):
     """An expert-parallel model (2 gloo ranks) compiles with fullgraph=True: the all-to-alls are functional
     collectives on unbacked split sizes, so new routing does not recompile; every step equals the uncompiled
-    model (outputs and gradients)."""
-    for error, compilations in run_ranks(_expert_parallel_compiled, 2, options):
+    model (outputs and gradients), under the eager compiler and Inductor."""
+    for error, compilations in run_ranks(_expert_parallel_compiled, 2, options, compiler):
         assert error < 1e-5
         assert compilations == 1, f"compiled {compilations} times for 3 steps with new routing"
 
