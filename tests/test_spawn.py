@@ -2,13 +2,13 @@
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from moecompile.runtime.spawn import RankFailed, run_ranks
 
 
 def _rank_and_sum(rank, world):
-    import torch
     t = torch.tensor([rank + 1])
     dist.all_reduce(t)
     return rank, int(t)
