@@ -7,6 +7,13 @@ rewrite is within a few times the original's own distance from the truth, or of 
 the largest value in the block. This accepts a gradient that is zero in exact arithmetic (the router of a
 renormalized top-1 MoE, whose weight is always 1) and holds only rounding noise, while a small gradient
 that is real is still held to the fp32 tolerance.
+
+Two things the original does are kept in the float64 evaluation, so that a rewrite cannot hide behind them:
+explicit casts to a precision below the block's input (bf16 experts in an fp32 model) stay real casts, so
+that region computes in its own precision as in the original and a rewrite that drops the casts is as far
+from the truth as it is from the original; and every buffer the block mutates is compared after the call
+(a rewrite that drops a load counter's update fails). Each compared tensor has a label ("output 0",
+"gradient of experts.w1", "buffer load") so a rejection says what differs.
 """
 from __future__ import annotations
 
@@ -32,65 +39,107 @@ def max_relative_error(a: torch.Tensor | None, b: torch.Tensor | None, like: tor
     return _distance(a, b) / max(b.abs().max().item(), floor, 1e-12)
 
 
-def _run(fn, block: nn.Module, x, rest, kwargs, seed):
-    """Outputs and gradients (input, then every trainable parameter) of fn(x, ...) for a fixed cotangent."""
-    params = [p for p in block.parameters() if p.requires_grad]
+def _run(fn, block: nn.Module, x, rest, kwargs, seed) -> list[tuple[str, torch.Tensor]]:
+    """Labelled outputs, gradients (input, then every trainable parameter) for a fixed cotangent, and the
+    buffers after the call, of fn(x, ...); the block's buffers are then put back as they were."""
+    params = [(name, p) for name, p in block.named_parameters() if p.requires_grad]
+    saved = _save_buffers(block)
     xi = x.detach().clone().requires_grad_(x.is_floating_point())
-    with torch.random.fork_rng(), torch.enable_grad():
-        torch.manual_seed(seed)
-        outs = [o for o in tree_flatten(fn(xi, *rest, **kwargs))[0] if isinstance(o, torch.Tensor)]
-        diff = [o for o in outs if o.requires_grad]
-        gen = torch.Generator().manual_seed(seed)
-        cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in diff]
-        grads = torch.autograd.grad(diff, [xi] + params, cot, allow_unused=True) if diff else []
-    zeros = [torch.zeros_like(t) for t in [xi] + params]
-    return outs + [z if g is None else g for g, z in zip(grads, zeros)]
+    try:
+        with torch.random.fork_rng(), torch.enable_grad():
+            torch.manual_seed(seed)
+            outs = [o for o in tree_flatten(fn(xi, *rest, **kwargs))[0] if isinstance(o, torch.Tensor)]
+            diff = [o for o in outs if o.requires_grad]
+            gen = torch.Generator().manual_seed(seed)
+            cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in diff]
+            wrt = [xi] + [p for _, p in params]
+            grads = torch.autograd.grad(diff, wrt, cot, allow_unused=True) if diff else [None] * len(wrt)
+        buffers = [(f"buffer {name}", b.detach().clone()) for name, b in block.named_buffers()]
+    finally:
+        _restore_buffers(block, saved)
+    names = ["input gradient"] + [f"gradient of {name}" for name, _ in params]
+    return ([(f"output {i}", o.detach()) for i, o in enumerate(outs)] +
+            [(n, torch.zeros_like(t) if g is None else g) for n, t, g in zip(names, wrt, grads)] + buffers)
+
+
+def _save_buffers(block: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: (b, b.detach().clone()) for name, b in block.named_buffers()}
+
+
+def _restore_buffers(block: nn.Module, saved: dict) -> None:
+    """The same buffer objects with their old values, also where the call assigned a new tensor."""
+    with torch.no_grad():
+        for name, (b, value) in saved.items():
+            owner, _, attr = name.rpartition(".")
+            block.get_submodule(owner)._buffers[attr] = b
+            b.copy_(value)
 
 
 def compare(block: nn.Module, original, rewritten, x: torch.Tensor, rest: tuple, kwargs: dict,
-            seed: int) -> tuple[float, int]:
-    """(worst relative error of rewritten(x, ...) against original(x, ...) over outputs and gradients,
-    number of tensors accepted because they are as close to a float64 evaluation as the original is)."""
+            seed: int) -> tuple[float, str, int]:
+    """(worst relative error of rewritten(x, ...) against original(x, ...) over outputs, gradients and
+    buffers after the call; the label of that tensor; the number of tensors accepted because they are as
+    close to a float64 evaluation as the original is)."""
     got = _run(rewritten, block, x, rest, kwargs, seed)
     want = _run(original, block, x, rest, kwargs, seed)
-    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
-        return float("inf"), 0
-    errors = [max_relative_error(a, b, b) for a, b in zip(got, want)]
-    if max(errors, default=0.0) <= 1e-6:
-        return max(errors, default=0.0), 0
-    truth = _run_in_float64(block, x, rest, kwargs, seed)
-    # one fp32 rounding step of the largest value in play: nothing computed in fp32 is resolved below it
-    ulp = torch.finfo(torch.float32).eps * max((t.abs().max().item() for t in truth if t.numel()), default=0.0)
-    rejudged = 0
-    for i, (a, b, t) in enumerate(zip(got, want, truth)):
-        if errors[i] > 1e-6 and _distance(a, t) <= ROUNDING_SLACK * max(_distance(b, t), ulp):
-            errors[i], rejudged = 0.0, rejudged + 1
-    return max(errors, default=0.0), rejudged
+    if [n for n, _ in got] != [n for n, _ in want] or any(a.shape != b.shape for (_, a), (_, b) in zip(got, want)):
+        return float("inf"), "the structure of the outputs", 0
+    errors = [max_relative_error(a, b, b) for (_, a), (_, b) in zip(got, want)]
+    if max(errors, default=0.0) > 1e-6:
+        truth = [t for _, t in _run_in_float64(block, x, rest, kwargs, seed)]
+        # one fp32 rounding step of the largest value in play: nothing computed in fp32 is resolved below it
+        ulp = torch.finfo(torch.float32).eps * max((t.abs().max().item() for t in truth if t.numel()), default=0.0)
+        rejudged = 0
+        for i, ((_, a), (_, b), t) in enumerate(zip(got, want, truth)):
+            if errors[i] > 1e-6 and _distance(a, t) <= ROUNDING_SLACK * max(_distance(b, t), ulp):
+                errors[i], rejudged = 0.0, rejudged + 1
+    else:
+        rejudged = 0
+    worst = max(range(len(errors)), key=errors.__getitem__, default=None)
+    return (0.0, "", rejudged) if worst is None else (errors[worst], got[worst][0], rejudged)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+_PRECISION = {torch.float64: 3, torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
+
+
 def _run_in_float64(block, x, rest, kwargs, seed):
-    ref = copy.deepcopy(block).double()
-    to64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-    with _Float64Fallbacks():
-        return _run(type(block).forward.__get__(ref), ref, to64(x), tree_map(to64, rest), tree_map(to64, kwargs),
+    """The block on a float64 copy, its working precision (that of its input x) and above raised to
+    float64; state kept in a lower precision than x stays as it is, as do casts down to it (below)."""
+    working = x.dtype
+    raise_ = lambda t: t.double() if isinstance(t, torch.Tensor) and _raised(t.dtype, working) else t  # noqa: E731
+    ref = copy.deepcopy(block)._apply(raise_)
+    with _Float64Fallbacks(working):
+        return _run(type(block).forward.__get__(ref), ref, raise_(x), tree_map(raise_, rest), tree_map(raise_, kwargs),
                     seed)
 
 
+def _raised(dtype: torch.dtype, working: torch.dtype) -> bool:
+    """Whether a float64 evaluation computes `dtype` in float64: the working precision and anything above
+    it; a lower precision (bf16 experts in an fp32 model), or another 16-bit format, is the original's own."""
+    p = _PRECISION.get(dtype)
+    return p is not None and (p > _PRECISION.get(working, 2) or dtype == working)
+
+
 class _Float64Fallbacks(TorchDispatchMode):
-    """Keeps a float64 evaluation in float64: explicit casts to lower float precision (a router's
-    `.float()`) stay float64, and ops without a float64 CPU kernel (aten._grouped_mm) run as one matmul
-    per group."""
+    """Keeps a float64 evaluation in float64 where the original computes in its working precision:
+    explicit casts to that precision or above (a router's `.float()` in a bf16 model) stay float64, while
+    casts below it (to bf16 in an fp32 model) stay real casts; ops without a float64 CPU kernel
+    (aten._grouped_mm) run as one matmul per group."""
+
+    def __init__(self, working: torch.dtype):
+        super().__init__()
+        self.working = working
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten._grouped_mm.default and args[0].dtype == torch.float64:
             return _grouped_mm(*args, **kwargs)
         if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float64 and \
-                kwargs.get("dtype") in (torch.float32, torch.float16, torch.bfloat16):
+                kwargs.get("dtype") in _PRECISION and _raised(kwargs["dtype"], self.working):
             kwargs = {**kwargs, "dtype": torch.float64}
         return func(*args, **kwargs)
 

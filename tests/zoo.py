@@ -101,6 +101,39 @@ class BiasedBank(nn.Module):
         return (routed + torch.sigmoid(self.mix(x)) * self.common(x)).view(B, S, D)
 
 
+class SortedBank(nn.Module):
+    """Softmax top-2 renormalised over stacked SwiGLU weights (fused halves), tokens sorted by worker and run
+    as one grouped GEMM. `narrow` runs that GEMM in that dtype inside the block (inputs and weights cast
+    down, results cast back); `tally` adds each call's per-worker slot counts to a buffer in training mode,
+    as auxiliary-loss-free balancing does."""
+
+    def __init__(self, d=32, f=64, e=4, k=2, narrow: torch.dtype | None = None, tally=False):
+        super().__init__()
+        self.k, self.e, self.narrow, self.tally = k, e, narrow, tally
+        self.scorer = nn.Linear(d, e, bias=False)
+        self.up = nn.Parameter(torch.randn(e, d, 2 * f) * d**-0.5)           # [E, D, 2F]
+        self.down = nn.Parameter(torch.randn(e, f, d) * f**-0.5)             # [E, F, D]
+        if tally:
+            self.register_buffer("seen", torch.zeros(e))
+
+    def forward(self, x):
+        B, S, D = x.shape
+        x = x.reshape(-1, D)                                                  # [T, D]
+        w, idx = self.scorer(x).softmax(-1).topk(self.k, dim=-1)             # [T, K]
+        w = w / w.sum(-1, keepdim=True)
+        order = idx.reshape(-1).argsort(stable=True)                         # [T·K]
+        counts = torch.bincount(idx.reshape(-1), minlength=self.e)           # [E]
+        if self.tally and self.training:
+            self.seen.add_(counts.float())
+        offs = counts.cumsum(0).to(torch.int32)
+        dt = self.narrow or x.dtype
+        h = torch._grouped_mm(x[order // self.k].to(dt), self.up.to(dt), offs=offs)  # [T·K, 2F]
+        a, b = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(a) * b, self.down.to(dt), offs=offs).to(x.dtype)  # [T·K, D]
+        y = y * w.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, order // self.k, y).view(B, S, D)
+
+
 class NotMoE(nn.Module):
     """Negative case: top-k used to sparsify causal attention (each query keeps its k best keys), then a
     dense MLP. e is the head count; nothing is routed."""
