@@ -12,7 +12,7 @@ import torch
 import moecompile
 from moecompile.validation import _run_in_float64, compare
 from tests.helpers import assert_same_training_step
-from tests.zoo import Net, SortedBank
+from tests.zoo import Net, ReluMLP, SortedBank
 
 
 def _x(seed=0):
@@ -91,3 +91,35 @@ def test_block_with_a_load_counter_is_not_rewritten_silently(training):
     before = model.block.seen.clone()
     fast(x)
     assert (model.block.seen - before).sum() == 2 * 8 * 2, "the counter still counts every slot"
+
+
+class SequenceCapacity(torch.nn.Module):
+    """Top-1 with a capacity that grows with the sequence: S // 4 slots per expert in each sequence. One
+    recording (S = 12) shows a capacity of 3; only another sequence length shows it is not a constant."""
+
+    def __init__(self, d=32, e=4):
+        super().__init__()
+        self.e = e
+        self.scorer = torch.nn.Linear(d, e, bias=False)
+        self.workers = torch.nn.ModuleList(ReluMLP(d, 2 * d) for _ in range(e))
+
+    def forward(self, x):
+        probs = self.scorer(x).softmax(-1)                                     # [B, S, E]
+        onehot = torch.nn.functional.one_hot(probs.argmax(-1), self.e)         # [B, S, E]
+        keep = onehot * (onehot.cumsum(-2) <= x.shape[1] // 4)
+        weight, flat, keep = probs.max(-1).values.reshape(-1, 1), x.reshape(-1, x.shape[-1]), keep.reshape(-1, self.e)
+        out = torch.zeros_like(flat)
+        for i, worker in enumerate(self.workers):
+            (rows,) = torch.where(keep[:, i] > 0)
+            out.index_add_(0, rows, worker(flat[rows]) * weight[rows])
+        return out.view(x.shape)
+
+
+def test_a_size_of_the_recorded_call_baked_in_fails_validation():
+    torch.manual_seed(0)
+    block = SequenceCapacity()
+    fast = moecompile.optimize(block, (_x(),))
+    [layer] = moecompile.explain(fast).moe_layers
+    assert not layer.rewritten and "on input [2, 1, 32]" in layer.reason, layer.reason
+    x = torch.randn(3, 20, 32)
+    torch.testing.assert_close(fast(x), block(x))

@@ -1,8 +1,10 @@
 """validate: translation validation of every block lift_moe rewrote; a rewrite that fails is undone.
 
 Contract:   each entry of `ctx.lifted` is run, original and rewritten (with the kernels select_kernels
-            chose), on the block's recorded input and on a random input of the same scale, comparing
-            outputs, the input gradient and every parameter gradient (moecompile/validation.py). Within
+            chose), on the block's recorded input, on a random input of the same scale, on the recorded
+            input cut to one token per sequence and doubled in length (sizes of the recorded call must not
+            be baked in), and in the other train/eval mode, comparing outputs, the input gradient, every
+            parameter gradient and every buffer after the call (moecompile/validation.py). Within
             `options.tolerance` the rewrite stays and the spec notes the measured error; otherwise the
             original forward is restored and the layer reports why.
             With routing options over the block's own (optimize(capacity_factor=, batch_prioritized=):
@@ -18,7 +20,8 @@ Invariants: a block stays rewritten only if validation passed or the user turned
             (`validate=False`); parameters, buffers and the RNG are as before (the caller restores them).
 Pseudo-code:
     for lifted in ctx.lifted:
-        worst = max(compare(original, rewritten with own routing, x) for x in (recorded input, random input))
+        worst = max(compare(original, rewritten with own routing, x) for x in (recorded, random, 1 and 2S
+                                                                                 tokens, other mode))
         if routing options and kernels != reference:
             worst2 = max(compare(rewrite on reference kernels, rewritten, x) for x in (...))
         if worst or worst2 > tolerance: block.forward = original; layer.rewritten = False; layer.reason = ...
@@ -29,6 +32,7 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from moecompile.ir.lowering import run_moe
 from moecompile.ir.spec import OPS, DropStats, RoutingOverride
@@ -71,28 +75,33 @@ class ReferenceRewrite(nn.Module):
 
 
 def _check(lifted, tolerance, against: ReferenceRewrite | None = None) -> str | None:
-    """Why the rewrite is rejected, or None; on the recorded input, then on a random one of its scale, in
-    the block's mode; then on the recorded input in the other mode (train/eval), where a block may do more
-    (a load counter updated only in training). Against the original block, or (`against`) the rewrite on
-    the reference kernels."""
+    """Why the rewrite is rejected, or None. In the block's mode: on the recorded input, on a random one of
+    its scale, and on the recorded input at other token counts (one token per sequence, as in decoding, and
+    twice the sequence: a size read from the recorded call, such as a capacity group, shows there); then on
+    the recorded input in the other mode (train/eval), where a block may do more (a load counter updated only
+    in training). Against the original block, or (`against`) the rewrite on the reference kernels."""
     block, spec = lifted.block, lifted.layer.spec
     module, want = (block, lifted.original) if against is None else (against, against.forward)
     x, rest = lifted.args[0], lifted.args[1:]
     scale = x.float().std().clamp_min(1e-3).item()
+    gen = torch.Generator().manual_seed(VALIDATION_SEEDS[1])
+    noise = (torch.randn(x.shape, generator=gen) * scale).to(x.dtype).to(x.device)
+    runs = [(block.training, x, VALIDATION_SEEDS[0]), (block.training, noise, VALIDATION_SEEDS[1])]
+    runs += [(block.training, other, VALIDATION_SEEDS[0]) for other in _other_token_counts(x, rest, lifted.kwargs)]
+    runs.append((not block.training, x, VALIDATION_SEEDS[0]))
     worst, where, rejudged = 0.0, None, 0
     modes = {m: m.training for m in module.modules()}
-    runs = [(block.training, seed) for seed in VALIDATION_SEEDS] + [(not block.training, VALIDATION_SEEDS[0])]
     try:
-        for training, seed in runs:
+        for training, probe, seed in runs:
             module.train(training)
-            gen = torch.Generator().manual_seed(seed)
-            probe = x if seed == 0 else (torch.randn(x.shape, generator=gen) * scale).to(x.dtype).to(x.device)
             try:
                 err, label, n = compare(module, want, block.forward, probe, rest, lifted.kwargs, seed)
             except Exception as e:
-                return f"translation validation could not run the lifted block: {e!r}"
+                if probe.shape != x.shape and _raises(want, probe, rest, lifted.kwargs):
+                    continue  # the original refuses this shape too
+                return f"translation validation could not run the lifted block on {list(probe.shape)}: {e!r}"
             if not err <= worst:
-                worst, where = err, (label, training)
+                worst, where = err, (label, training, list(probe.shape))
             rejudged += n
     finally:
         for m, training in modes.items():
@@ -105,13 +114,30 @@ def _check(lifted, tolerance, against: ReferenceRewrite | None = None) -> str | 
     return None
 
 
-def _difference(label: str, training: bool, err: float, tolerance: float) -> str:
+def _other_token_counts(x: torch.Tensor, rest: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The recorded hidden states [..., S, D] cut to one token per sequence and doubled to 2S (with the
+    sequence reversed), when nothing else the block takes could depend on S."""
+    if x.dim() < 2 or x.shape[-2] < 2 or any(isinstance(t, torch.Tensor) for t in tree_flatten((rest, kwargs))[0]):
+        return []
+    return [x[..., :1, :], torch.cat([x, x.flip(-2)], dim=-2)]
+
+
+def _raises(fn, x, rest, kwargs) -> bool:
+    try:
+        with torch.no_grad():
+            fn(x, *rest, **kwargs)
+    except Exception:
+        return True
+    return False
+
+
+def _difference(label: str, training: bool, shape: list[int], err: float, tolerance: float) -> str:
     """What differs, in words: a buffer the rewrite does not update as the block does, or a tensor."""
     mode = "training" if training else "eval"
     if label.startswith("buffer "):
         return (f"the block updates its buffer '{label[7:]}' in its forward ({mode} mode) and the rewrite does not "
                 f"reproduce that update (relative error {err:.2e})")
-    return f"{label} differs in {mode} mode by a relative error of {err:.2e} > {tolerance:.0e}"
+    return f"{label} differs in {mode} mode on input {shape} by a relative error of {err:.2e} > {tolerance:.0e}"
 
 
 def _options(routing: RoutingOverride) -> str:
