@@ -1,20 +1,40 @@
 """Public entry points: `optimize(model)` and `explain(model)`."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
+import logging
 import math
+import sys
+import types
+import warnings
 
 import torch
-import torch._dynamo
 from torch import nn
 
+from moecompile.frontend.capture import autocast_ops, compile_run
 from moecompile.ir.spec import DropStats
 from moecompile.kernels import BACKENDS
-from moecompile.passes.registry import CompileContext, Options, run_pipeline
+from moecompile.passes.registry import CompileContext, InstalledForward, Options, run_pipeline
 from moecompile.report import Report
 
 _STATE = "_moecompile"
+log = logging.getLogger(__name__)
+# set while the torch.compile backend tries candidate blocks: it reports the outcome itself, so the warning of
+# a compile that rewrote nothing (every try on a router-only submodule) would be noise
+_TRYING = contextvars.ContextVar("moecompile_trying", default=False)
+
+
+@contextlib.contextmanager
+def trying():
+    """Within it, compiles are the backend's tries: no warning when one rewrites nothing."""
+    token = _TRYING.set(True)
+    try:
+        yield
+    finally:
+        _TRYING.reset(token)
 
 
 def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
@@ -61,6 +81,11 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
     capacity drops slots, the tokens with the largest router score keep theirs first (V-MoE). Validation
     then proves the lift with the block's own routing and the options against the reference kernels
     (passes/validate.py). `set_routing()` changes top-k and these options later, between calls.
+
+    `model` may itself be an optimize() result (compiled or not): it is returned as it is, keeping the options
+    it was optimized with (a warning names those of this call that differ), and compiled now if it was not
+    and example inputs are given; explain() notes it. The result pickles (`torch.save`) and deep-copies,
+    before and after its first call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moecompile.optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -93,27 +118,115 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
                       shortcut=shortcut, num_experts=num_experts, upcycle_noise=upcycle_noise,
                       capacity_factor=None if capacity_factor is None else float(capacity_factor),
                       batch_prioritized=batch_prioritized)
+    _refuse_sharded(model)
+    if getattr(model, _STATE, False) is not False:  # optimize() of an optimize() result
+        return _optimize_again(model, options, example_inputs, example_kwargs)
     fast = _share_parameters_copy(model)
     if example_inputs is not None or example_kwargs is not None:
         _compile(fast, tuple(example_inputs or ()), dict(example_kwargs or {}), options)
     else:
-        def first_call(self, *args, **kwargs):
-            del self.forward  # compiling runs the model: with the class's forward, not this one
-            try:
-                _compile(self, args, kwargs, options)
-            except BaseException:
-                self.forward = first_call.__get__(self)  # compile again at the next call
-                raise
-            return self(*args, **kwargs)
-        fast.forward = first_call.__get__(fast)
+        fast.forward = FirstCall(fast, options)  # compiles at the first call (FirstCall.__call__)
         setattr(fast, _STATE, None)
     return fast
+
+
+def _torch_compiled(model: nn.Module) -> bool:
+    """Whether `model` is a torch.compile wrapper; without importing Dynamo (slow), which made every one."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule)
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError("moecompile.optimize: the model is already sharded with fully_shard (FSDP2); optimize it "
+                         "first, then apply fully_shard to the optimized model (its layers, then the root)")
+
+
+class FirstCall(InstalledForward):
+    # `fast.forward` of an optimize() result until its first call, which compiles the model with that call's
+    # inputs (then removes itself) and runs it. An object, not a closure, so that the model pickles and
+    # deep-copies before its first call (and compiles at the first call after loading); it presents the
+    # model's forward signature (InstalledForward).
+
+    def __init__(self, model: nn.Module, options: Options):
+        self.module, self.options = model, options
+        self.previous = model.__dict__.get("forward")  # an instance forward the model already had
+        if isinstance(self.previous, types.MethodType) and isinstance(self.previous.__self__, nn.Module):
+            self.previous = types.MethodType(self.previous.__func__, model)  # bound to the copied model
+        self.state = "pending"  # → "compiling" → "compiled"
+        self.notes: list[str] = []  # for the report, once compiled
+
+    @property
+    def __wrapped__(self):
+        return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+
+    def __call__(self, *args, **kwargs):
+        if self.state != "pending":  # compiling (the compile run went through a wrapper of this forward)
+            return self.__wrapped__(*args, **kwargs)  # or compiled and still called through such a wrapper
+        installed = self.compile(args, kwargs)
+        # the model's __call__ already ran its hooks: run its (new) forward, not the model again
+        return (self.module.forward if installed else self.__wrapped__)(*args, **kwargs)
+
+    def compile(self, args: tuple, kwargs: dict) -> bool:
+        """Compile the model now (it then runs with its own forward); True if this was its forward."""
+        model = self.module
+        installed = model.__dict__.get("forward") is self
+        if installed:  # compiling runs the model: with its own forward, not this one
+            del model.forward
+            if self.previous is not None:
+                model.forward = self.previous
+        self.state = "compiling"
+        try:
+            _compile(model, tuple(args), dict(kwargs), self.options)
+        except BaseException:
+            self.state = "pending"
+            if installed:
+                model.forward = self  # compile again at the next call
+            raise
+        self.state = "compiled"
+        getattr(model, _STATE).report.notes.extend(self.notes)
+        return installed
+
+
+def _first_call_of(model: nn.Module) -> FirstCall | None:
+    """The FirstCall of a lazy optimize() result, also under wrappers that set `__wrapped__`."""
+    forward, seen = model.__dict__.get("forward"), 0
+    while forward is not None and not isinstance(forward, FirstCall) and seen < 100:
+        forward, seen = getattr(forward, "__wrapped__", None), seen + 1
+    return forward if isinstance(forward, FirstCall) else None
+
+
+AGAIN = "already optimized by moecompile: returned as it is, blocks kept as rewritten"
+
+
+def _optimize_again(model: nn.Module, options: Options, example_inputs, example_kwargs) -> nn.Module:
+    """optimize() of an optimize() result: the same model, with the options it was optimized with (its
+    blocks were rewritten from the original's code, which only the original still runs); compiled now if it
+    has not been and example inputs are given. explain() says so, and names options of this call not applied."""
+    ctx, first = getattr(model, _STATE), _first_call_of(model)
+    kept = ctx.options if ctx else first.options if first is not None else options
+    differ = [f"{f.name}={getattr(options, f.name)!r}" for f in dataclasses.fields(Options)
+              if getattr(options, f.name) != getattr(kept, f.name)]
+    note = AGAIN + (f" (options of the later call not applied: {', '.join(differ)})" if differ else "")
+    if differ:
+        warnings.warn(f"moecompile.optimize: the model is {note}; optimize the original model to change them",
+                      stacklevel=3)
+    if ctx:
+        if note not in ctx.report.notes:
+            ctx.report.notes.append(note)
+    elif first is not None:
+        if note not in first.notes:
+            first.notes.append(note)
+        if first.state == "pending" and (example_inputs is not None or example_kwargs is not None):
+            first.compile(tuple(example_inputs or ()), dict(example_kwargs or {}))
+    return model
 
 
 def explain(model: nn.Module) -> Report:
     """What moecompile found and did in `model`: an `optimize()` result, or a `torch.compile(...,
     backend="moecompile")` one (every graph compiled so far)."""
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    if _torch_compiled(model):
         from moecompile.backend import reports_for
         compiled = reports_for(model._orig_mod)
         if getattr(model._orig_mod, _STATE, False) is False:
@@ -126,8 +239,9 @@ def explain(model: nn.Module) -> Report:
         raise ValueError("explain() takes a model returned by moecompile.optimize() or by torch.compile(model, "
                          "backend='moecompile')")
     if ctx is None:
+        first = _first_call_of(model)
         return Report(notes=["not compiled yet: moecompile compiles at the first call "
-                             "(or pass example_inputs= to optimize())"])
+                             "(or pass example_inputs= to optimize())"] + (first.notes if first else []))
     return ctx.report
 
 
@@ -147,7 +261,7 @@ def set_routing(model: nn.Module, *, top_k: int | None = None, capacity_factor=_
     loss) keep the config's k. `capacity_factor` and `batch_prioritized`: as optimize()'s; capacity_factor
     None restores each block's own capacity. Nothing is validated again: the lift was proven at compile
     time, and the ops are tested for any k, capacity and slot order against the reference kernels."""
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    if _torch_compiled(model):
         raise ValueError("set_routing() takes the optimize() result; torch.compile it after changing the routing")
     ctx = getattr(model, _STATE, False)
     if not ctx:
@@ -206,22 +320,35 @@ def set_parallelism(model: nn.Module, r: int | None, degree: int | None = None, 
 
 
 def _compile(model: nn.Module, args: tuple, kwargs: dict, options: Options) -> None:
-    """Run the pipeline without side effects on the user's state: compiling runs the model (to find and
-    validate blocks), which would otherwise advance the RNG (dropout, jitter) and running statistics."""
-    ctx = CompileContext(model, args, kwargs, options)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    try:
-        with torch.random.fork_rng(devices=[]):
-            run_pipeline(ctx)
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
+    """Run the pipeline without side effects on the caller's state: compiling runs the model and its blocks
+    (to find and validate them), on private copies of the inputs and in a context of its own whatever the
+    caller's (frontend/capture.py compile_run: autocast, inference mode, activation checkpointing, FSDP2)."""
+    with compile_run(model, args, kwargs) as (args, kwargs):
+        ctx = CompileContext(model, args, kwargs, options)
+        run_pipeline(ctx)
+    for lifted in ctx.lifted:
+        spec = lifted.layer.spec
+        if lifted.layer.rewritten and spec is not None:
+            _note_autocast(spec, lifted.block)
     for layer in ctx.report.moe_layers:  # compiling ran the blocks: count from the user's first call on
         if layer.spec is not None:
             layer.spec.drops = DropStats()
     setattr(model, _STATE, ctx)
+    if not _TRYING.get() and not any(layer.rewritten for layer in ctx.report.moe_layers):
+        why = [f"{layer.name or 'the model'}: {layer.reason}" for layer in ctx.report.moe_layers] + ctx.report.notes
+        log.warning("moecompile: no block of this %s was rewritten; it runs as the original model%s",
+                    type(model).__name__, f" ({'; '.join(why)})" if why else "")
+
+
+def _note_autocast(spec, block: nn.Module) -> None:
+    """What torch.autocast does to the original block's expert matmuls, per device type, for the rewrite to do
+    the same (ir/lowering.py autocast_experts): lower precision for mm/addmm/bmm experts, none for
+    aten._grouped_mm ones."""
+    roles = [getattr(spec.weights, role) for role in ("w1", "w2", "w3")]
+    names = [ref.name for refs in roles if refs is not None for ref in (refs if isinstance(refs, list) else [refs])]
+    lowers = autocast_ops(block, names)
+    if lowers is not None:
+        spec.expert_autocast = lowers
 
 
 def _share_parameters_copy(module: nn.Module) -> nn.Module:

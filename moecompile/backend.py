@@ -7,6 +7,7 @@ the backend once per graph it captured:
     for each selection (top-k, max, argmax) in the graph, modules around it innermost first (≤ 3 levels):
         block = frontend.dynamo.extract(graph, module)      # its nodes as a module of its own
         fast = optimize(block, its real inputs, **options)  # the usual pipeline: find, lift, kernels, validate
+                                                            # (symbolic sizes: their values in this call)
         if fast lifted it: the block's nodes → one call of fast (parameters passed in, gradients flow to them)
         else: reported, with the reason (a graph break inside a block shows up here)
     AOTAutograd → forward and backward graphs → Inductor (compile_fx), or run as they are (compiler="eager")
@@ -30,6 +31,15 @@ debugging and fast tests). `shortcut` and `mesh` create parameters, which a back
 user's optimizer: compile `optimize(model, example_inputs, mesh=..., shortcut=...)`, whose blocks are lifted
 already (the backend then finds no selection to lift and compiles the rest).
 
+Changing shapes: Dynamo compiles a frame again for a new shape, with its sizes symbolic from then on
+(dynamic=None), or symbolic from the start (dynamic=True); the graph's symbolic sizes (`s0`, `s0 * s1`) are
+then graph inputs and nodes. Lifting works on real values: the graph runs once on the example inputs with
+each symbolic input replaced by its value in this call (its hint, read without a guard), and each block is
+optimized and validated on those concrete values. The lifted block is shape-generic (the canonical ops take
+any token count; run_moe flattens [..., D] to [T, D]), so AOTAutograd traces it with the symbolic sizes
+without a guard on them and the graph serves every later shape. What still recompiles does with any
+backend: a size of 0 or 1 (Dynamo specializes them), a model's own shape-dependent branches.
+
 Importing this module turns on Dynamo's `capture_scalar_outputs` and `capture_dynamic_output_shape_ops`: an
 MoE block's data-dependent sizes (token counts per expert, `nonzero`) then stay inside one graph instead of
 breaking it.
@@ -44,6 +54,7 @@ from collections import Counter
 import torch
 import torch._dynamo
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
 from moecompile.frontend import dynamo
 from moecompile.kernels import BACKENDS
@@ -84,25 +95,31 @@ def moecompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
                          f"{', '.join(BACKENDS)}")
     report = lift_blocks(gm, example_inputs, options)
     selection = InductorKernels(options.get("kernels", "auto"), autotune)
-    for value in example_inputs:
-        if isinstance(value, torch.nn.Parameter):
-            ref, reports = _REPORTS.get(id(value), (None, []))
-            if ref is None or ref() is not value:
-                _REPORTS[id(value)] = ref, reports = weakref.ref(value), []
-            reports.append(report)
-    if compiler == "eager":
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
+    compiled = (_eager if compiler == "eager" else _inductor)(gm, example_inputs, report, selection)
+    # registered once compiled: a compilation that raises (Dynamo restarts the frame when AOTAutograd
+    # specializes a float under dynamic=True, and calls the backend again) left no graph to explain
+    _register(report, example_inputs)
+    return compiled
 
-        def run_as_is(which):
-            def compile_graph(graph, _):
-                _record_ops(report, graph.graph, which)
-                selection(graph.graph)  # as in Inductor: the graphs run are those Inductor would compile
-                graph.recompile()
-                _record_selection(report, graph.graph, selection.outcomes[-1:], which)
-                return make_boxed_func(graph.forward)
-            return compile_graph
-        return aot_autograd(fw_compiler=run_as_is("forward"), bw_compiler=run_as_is("backward"))(gm, example_inputs)
+
+def _eager(gm: fx.GraphModule, example_inputs, report: Report, selection: InductorKernels):
+    """AOTAutograd's forward and backward graphs, run as they are after the kernel-selection pass."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def run_as_is(which):
+        def compile_graph(graph, _):
+            _record_ops(report, graph.graph, which)
+            selection(graph.graph)  # as in Inductor: the graphs run are those Inductor would compile
+            graph.recompile()
+            _record_selection(report, graph.graph, selection.outcomes[-1:], which)
+            return make_boxed_func(graph.forward)
+        return compile_graph
+    return aot_autograd(fw_compiler=run_as_is("forward"), bw_compiler=run_as_is("backward"))(gm, example_inputs)
+
+
+def _inductor(gm: fx.GraphModule, example_inputs, report: Report, selection: InductorKernels):
+    """Inductor's compile_fx, the kernel-selection pass as its post-grad pass, recording each graph's ops."""
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     seen = []
@@ -123,9 +140,19 @@ def moecompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
     return compiled
 
 
+def _register(report: Report, example_inputs) -> None:
+    """File the graph's report under the model parameters it reads, for explain(torch.compile(m, ...))."""
+    for value in example_inputs:
+        if isinstance(value, torch.nn.Parameter):
+            ref, reports = _REPORTS.get(id(value), (None, []))
+            if ref is None or ref() is not value:
+                _REPORTS[id(value)] = ref, reports = weakref.ref(value), []
+            reports.append(report)
+
+
 def lift_blocks(gm: fx.GraphModule, example_inputs, options: dict) -> Report:
     """Replace every MoE block of `gm` that moecompile can lift with a call of its optimized version."""
-    from moecompile.api import explain, optimize
+    from moecompile.api import explain, optimize, trying
     report = Report(passes=["dynamo: lift_blocks"])
     found = dynamo.selections(gm)
     if not found:
@@ -135,8 +162,9 @@ def lift_blocks(gm: fx.GraphModule, example_inputs, options: dict) -> Report:
         log.warning("moecompile backend: %s", report.notes[-1])
         return report
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = _values(gm, example_inputs)
-    values.update(zip(placeholders, example_inputs))
+    concrete = [_hint(v) for v in example_inputs]
+    values = _values(gm, concrete)
+    values.update(zip(placeholders, concrete))
     lifted: list[str] = []
     for selection in found:
         paths = dynamo.stack(selection)
@@ -148,7 +176,8 @@ def lift_blocks(gm: fx.GraphModule, example_inputs, options: dict) -> Report:
                 block = dynamo.extract(gm, path, values)
                 if block is None:
                     continue  # interleaved with the code around it
-                fast = optimize(block.module, tuple(values[a] for a in block.activations), **options)
+                with trying():
+                    fast = optimize(block.module, tuple(values[a] for a in block.activations), **options)
             except Exception as e:  # a failure of ours must cost the rewrite, never the user's compile
                 failed = failed or MoELayer(path or ROOT, None, None, None, False,
                                             f"internal error: {type(e).__name__}: {e}")
@@ -169,6 +198,14 @@ def lift_blocks(gm: fx.GraphModule, example_inputs, options: dict) -> Report:
                 report.moe_layers.append(failed)
                 log.warning("moecompile backend: %s not lifted: %s", failed.name, failed.reason)
     return report
+
+
+def _hint(value):
+    """A symbolic graph input (dynamic shapes: `s0` for a batch size) as the number it is in this call, read
+    without adding a guard: the graph stays general, and real tensors need real sizes."""
+    if isinstance(value, dynamo.SYMBOLIC):
+        return guarding_hint_or_throw(value.node)
+    return value
 
 
 def _values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, object]:

@@ -6,22 +6,30 @@
     moecompile viz gpt-moe --ranks 2 --overlap 2 -o ep.html  # + predicted and measured timelines of 2 ranks
     moecompile bench moe_layer --quick
 
-Exit codes: 0 done, 2 a mistake in the command (one line on stderr, no traceback), 1 a rank of viz --ranks
-failed (its traceback on stderr); a benchmark's own code.
+Exit codes: 0 done; 2 a mistake in the command (one line on stderr, no traceback): a bad option, target or
+shape, a factory that raises or needs arguments, a model that raises on the --example-input given, an output
+that cannot be written; 1 a rank of viz --ranks failed (its traceback on stderr), or a bug of moecompile (a
+traceback); a benchmark's own code. Long steps show a spinner on stderr when it is a terminal.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import shutil
+import os
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from rich.console import Console
+from rich.live import Live
+from rich.spinner import Spinner
 
 import moecompile
+from moecompile.passes.find_moe import ModelRaised
+from moecompile.passes.registry import PIPELINES
 from moecompile.runtime.spawn import RankFailed
 from moecompile.viz import FORMATS, format_for, render
 from moecompile.viz.formats import pick_stage
@@ -39,6 +47,13 @@ class UsageError(Exception):
     """Reported as `moecompile <command>: error: <message>`, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors without its usage lines: every mistake is one line on stderr (--help shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def benchmarks() -> dict[str, str]:
     """Benchmark name → the first sentence of its docstring, for the scripts in the repository's benchmarks/."""
     if not BENCH_DIR.is_dir():
@@ -52,7 +67,7 @@ def benchmarks() -> dict[str, str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="moecompile", description=__doc__.split("\n")[0])
+    top = _Parser(prog="moecompile", description=__doc__.split("\n")[0])
     commands = top.add_subparsers(dest="command", required=True, metavar="{explain,viz,bench}")
 
     def model_args(p):
@@ -96,9 +111,36 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         return {"explain": explain, "viz": viz, "bench": bench}[args.command](args)
-    except UsageError as e:
-        print(f"moecompile {args.command}: error: {e}", file=sys.stderr)
+    except UsageError as e:  # folded: a model's or factory's error message may span lines
+        print(f"moecompile {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+
+
+def _step(text: str):
+    """A spinner naming the running step on stderr, only on a terminal: pipes, logs and tests get nothing."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return nullcontext()
+    if len(text) > console.width - 3:  # kept to one line, which the spinner redraws in place
+        text = text[:console.width - 4] + "…"
+    # stdout stays stdout: the report may be piped while stderr is the terminal
+    return Live(Spinner("dots", text), console=console, refresh_per_second=12.5, transient=True,
+                redirect_stdout=False)
+
+
+@contextmanager
+def _model_runs(args):
+    """The model raising on the user's --example-input is a mistake in the command; on the default inputs of a
+    built-in target it is a bug of moecompile, left to show its traceback."""
+    try:
+        yield
+    except ModelRaised as e:
+        if not args.example_input:
+            raise
+        cause = e.__cause__
+        raise UsageError(f"{args.target} raised {type(cause).__name__} on --example-input "
+                         f"{' '.join(args.example_input)}: {cause} (give the shapes and dtypes its forward takes)"
+                         ) from None
 
 
 def _overlap(text: str) -> str | int:
@@ -115,7 +157,8 @@ def _load(args):
     if args.example_input and args.target.endswith(".pt2"):
         raise UsageError("--example-input does not apply to a .pt2 file: its graph is already traced")
     try:
-        return load(args.target, args.example_input, args.layers)
+        with _step(f"building {args.target}"):
+            return load(args.target, args.example_input, args.layers)
     except TargetError as e:
         raise UsageError(str(e)) from None
 
@@ -125,7 +168,8 @@ def explain(args) -> int:
     if target.model is None:
         raise UsageError(f"{args.target} is a saved graph, not a model: explain needs hf:<family>, gpt-moe or "
                          "pkg.module:factory (viz shows a .pt2 file)")
-    fast = moecompile.optimize(target.model, target.example_inputs)
+    with _step(f"optimizing ({', '.join(PIPELINES['default'])})"), _model_runs(args):
+        fast = moecompile.optimize(target.model, target.example_inputs)
     report, console = moecompile.explain(fast), Console()
     if console.is_terminal:
         console.print(report)
@@ -143,6 +187,7 @@ def viz(args) -> int:
             raise UsageError(f"cannot tell the format of {out!r} from its suffix; add --format {{{','.join(FORMATS)}}}")
         if fmt == "svg" and shutil.which("dot") is None:
             raise UsageError("svg needs Graphviz's `dot` on PATH (install Graphviz), or write .dot or .html instead")
+        _check_writable(Path(out))
     if args.stage is not None and not any(fmt in ("dot", "svg") for _, fmt in outputs):
         raise UsageError("--stage picks the stage of a dot or svg output (html, me-json and text show every stage)")
     if args.overlap is not None and args.ranks is None:
@@ -154,19 +199,22 @@ def viz(args) -> int:
     if args.ranks:  # first: a failing rank is reported before the passes' snapshots are taken
         try:
             overlap = "off" if args.overlap is None else args.overlap
-            measured = measure(args.target, args.example_input, args.layers, args.ranks, overlap)
+            with _step(f"training {args.target} on {args.ranks} ranks"):
+                measured = measure(args.target, args.example_input, args.layers, args.ranks, overlap)
         except RankFailed as e:
             print(f"moecompile viz: error: the measured run failed: {e}", file=sys.stderr)
             return 1
         print(measured_title(measured))
-    captured = capture(target)
+    with _step(f"capturing the graph after each pass ({', '.join(PIPELINES['default'])})"), _model_runs(args):
+        captured = capture(target)
     if measured is not None:  # the schedules of the ranks' own optimize(mesh=...), with what they measured
         captured.measured, captured.schedules = measured, measured.schedules
     blocks = captured.blocks
     print(f"{args.target}: {len(blocks)} MoE block(s), {sum(b.rewritten for b in blocks)} rewritten")
     for out, fmt in outputs:
         try:
-            text = render(captured, fmt, args.stage)
+            with _step(f"rendering {fmt} to {out}"):
+                text = render(captured, fmt, args.stage)
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(text, encoding="utf-8")
         except KeyError as e:  # no such --stage
@@ -177,6 +225,17 @@ def viz(args) -> int:
                  else f"{len(captured.stages)} stage(s)")
         print(f"wrote {out} ({fmt}, {shown}, {len(text) // 1024} KiB)")
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Before the long work, not after it: an output that cannot be written fails the command in a second."""
+    if out.is_dir():
+        raise UsageError(f"cannot write {out}: it is a directory")
+    existing = next(folder for folder in out.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise UsageError(f"cannot write {out}: {existing} is not a directory")
+    if not os.access(out if out.exists() else existing, os.W_OK):
+        raise UsageError(f"cannot write {out}: permission denied")
 
 
 def bench(args) -> int:

@@ -79,8 +79,8 @@ def _capacity_details(s: MoESpec) -> str:
     rule = f"capacity {own.capacity}" if x is None else f"capacity factor {x:g} (C = " + (
         f"⌈k·{x:g}·G/E⌉)" if x > 0 else "the call's largest expert load)" if x == 0 else
         f"the call's largest expert load, at most ⌈k·{-x:g}·G/E⌉)")
-    if own and own.group_size:
-        rule += f" per {own.group_size} tokens"
+    if own and own.describe():  # "per sequence", "per 12 tokens"
+        rule += " " + own.describe()
     if own and own.dropped == "identity":
         rule += ", dropped tokens pass unchanged"
     if s.routing.batch_prioritized:

@@ -10,7 +10,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import moecompile
 from moecompile.ir import ops
-from moecompile.ir.lowering import call_capacity
+from moecompile.ir.lowering import call_capacity, capacity_rows
 from moecompile.ir.spec import CapacitySpec, RoutingOverride
 from moecompile.kernels import native
 from moecompile.kernels import reference as ref
@@ -47,6 +47,22 @@ def test_capacity_rule_and_drops_by_hand(factor, group_size, capacity, dropped, 
     x = torch.randn(8, 3)
     x_perm, order, counts = ops.dispatch(x, INDICES, 4, cap.capacity, cap.group_size, None, backend)
     assert INDICES.numel() - x_perm.shape[0] == dropped == INDICES.numel() - int(counts.sum())
+
+
+def test_a_capacity_per_sequence_groups_each_call_by_its_sequence_length():
+    """The block's own groups are each sequence of the call's hidden states [..., S, D], not a token count:
+    the same 8 tokens as 2 sequences of 4, or 8 of 1; a capacity factor then applies per group of S."""
+    own = CapacitySpec(3, group="sequence")
+    spec = types.SimpleNamespace(capacity=own, routing=RoutingOverride(), num_experts=4, parallel=None)
+    assert call_capacity(spec, INDICES, (2, 4, 3)) == CapacitySpec(3, 4) == own.for_input((2, 4, 3))
+    assert call_capacity(spec, INDICES, (8, 1, 3)) == CapacitySpec(3, 1)
+    spec.routing = RoutingOverride(1.0)
+    assert call_capacity(spec, INDICES, (2, 4, 3)) == CapacitySpec(2, 4)  # ⌈2·1·4/4⌉ per sequence of 4
+    with pytest.raises(ValueError, match="per sequence needs the hidden states' shape"):
+        call_capacity(spec, INDICES)
+    assert capacity_rows(own.for_input((2, 4, 3)), 8) == 6 and capacity_rows(own, 8) == 8  # unknown S: a bound
+    with pytest.raises(ValueError, match="group_size"):
+        CapacitySpec(3, 4, group="sequence")
 
 
 def test_capacity_is_exact_for_decimal_factors():
@@ -228,8 +244,11 @@ def test_switch_keeps_its_capacity_groups_under_a_capacity_factor():
     for layer in layers:  # groups of one sequence (12 encoder, 7 decoder tokens), top-1 of 4 experts
         G = 12 if "encoder" in layer.name else 7
         assert layer.spec.drops.last_capacity == math.ceil(0.5 * G / 4) and layer.spec.drops.last_dropped > 0
-        assert layer.spec.capacity == CapacitySpec(4, G)  # its own, kept for capacity_factor=None
-        assert f"capacity factor 0.5 (C = ⌈k·0.5·G/E⌉) per {G} tokens, batch-prioritized" in layer.details
+        assert layer.spec.capacity == CapacitySpec(4, group="sequence")  # its own, kept for capacity_factor=None
+        assert "capacity factor 0.5 (C = ⌈k·0.5·G/E⌉) per sequence, batch-prioritized" in layer.details
+    block = fast.get_submodule(layers[0].name)  # another sequence length: groups of its 24 tokens
+    block(torch.randn(1, 24, 32))
+    assert layers[0].spec.drops.last_capacity == math.ceil(0.5 * 24 / 4)
 
 
 def test_a_capacity_factor_keeps_dropped_tokens_passing_unchanged():

@@ -13,6 +13,7 @@ import moecompile
 from moecompile import cli
 from moecompile.cli import main
 from moecompile.models import gpt_moe
+from moecompile.passes import find_moe
 from moecompile.passes.registry import PIPELINES
 from moecompile.passes.schedule_overlap import Schedule, Slot, chunk_dag, list_schedule
 from moecompile.viz import render
@@ -28,6 +29,11 @@ STAGES = len(PIPELINES["default"]) + 1  # the input and the graph after each pas
 def tiny_gpt_moe():
     """A factory target: `test_cli:tiny_gpt_moe` (pytest puts tests/ on sys.path)."""
     return gpt_moe(n_layer=2, n_head=2, d_model=32, d_ff=64, num_experts=4, vocab_size=64, max_seq=32)
+
+
+def broken_factory():
+    """A factory target that fails as a user's may: `test_cli:broken_factory`."""
+    raise ValueError("no checkpoint at /nowhere")
 
 
 @pytest.fixture(scope="session")
@@ -135,13 +141,55 @@ def test_a_stage_that_fails_to_export_shows_the_error(tiny_captured, chromium, t
     (["explain", "missing.pt2"], "no such file: missing.pt2"),
     (["explain", "gpt-moe", "--layers", "0"], "--layers must be at least 1"),
     (["bench", "nope"], "unknown benchmark 'nope'; available: " + ", ".join(cli.benchmarks())),
+    (["explain", "test_cli:nope", "--example-input", "2x16"], "test_cli has no callable 'nope'"),
+    (["explain", "zoo:Net", "--example-input", "2x16x32"], "zoo:Net needs arguments (missing a required argument"),
+    (["explain", "test_cli:broken_factory", "--example-input", "2x16"],
+     "test_cli:broken_factory() raised ValueError: no checkpoint at /nowhere"),
+    (["explain", "test_cli:tiny_gpt_moe", "--example-input", "2x0:int64"], "bad --example-input '2x0:int64'"),
+    (["explain", "test_cli:tiny_gpt_moe", "--example-input", f"{10**12}x{10**12}:int64"], "cannot make a 1000"),
+    (["explain", "test_cli:tiny_gpt_moe", "--example-input", "2x16"],  # float where token ids are needed
+     "test_cli:tiny_gpt_moe raised RuntimeError on --example-input 2x16: Expected tensor for argument #1 'indices'"),
+    (["viz", "test_cli:tiny_gpt_moe", "--example-input", "2x16x32", "-o", "x.html"],
+     "test_cli:tiny_gpt_moe raised RuntimeError on --example-input 2x16x32"),
 ])
 def test_user_mistakes_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"moecompile {argv[0]}: error: "), err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_unwritable_output_fails_before_the_work(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder.html").mkdir()
+    for out, message in [(tmp_path / "file" / "g.html", "file is not a directory"),
+                         (tmp_path / "folder.html", "folder.html: it is a directory")]:
+        assert main(["viz", "hf:nope", "-o", str(out)]) == 2  # the output is checked before the target is built
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bugs_of_moecompile_keep_their_traceback(monkeypatch):
+    """Only the user's mistakes become one line: an unexpected error, or the model failing on the inputs
+    moecompile itself chose, propagates (a traceback and exit code 1 from the console script)."""
+    monkeypatch.setattr(find_moe, "find_routing_sites", lambda *a: 1 / 0)
+    with pytest.raises(find_moe.ModelRaised):
+        main(["explain", "gpt-moe"])
+    monkeypatch.setattr(moecompile, "optimize", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["explain", "test_cli:tiny_gpt_moe", "--example-input", "2x16:int64"])
+
+
+def test_spinner_only_on_a_terminal(capsys, monkeypatch):
+    for tty in ("0", "1"):
+        monkeypatch.setenv("TTY_COMPATIBLE", tty)  # what rich asks before isatty()
+        with cli._step("building hf:mixtral"):
+            print("report")
+        out, err = capsys.readouterr()
+        assert out == "report\n"  # stdout is never the spinner's
+        assert ("building hf:mixtral" in err) == (tty == "1")
 
 
 def test_dot_renders_with_graphviz(graphviz, mixtral_views, tmp_path):

@@ -211,7 +211,8 @@ def _uneven_experts_error(mesh, rank, ws) -> float:
 
 def _set_capacity_groups(model, group_size_of):
     for layer in moecompile.explain(model).moe_layers:
-        layer.spec.capacity = dataclasses.replace(layer.spec.capacity, group_size=group_size_of(layer))
+        # group="": fixed groups of that size, or (0) all of a call's tokens, whatever the block's own groups
+        layer.spec.capacity = dataclasses.replace(layer.spec.capacity, group_size=group_size_of(layer), group="")
 
 
 def _layer_of(model, param_name):

@@ -16,15 +16,16 @@ misreading can cost a rewrite but never a wrong result.
 """
 from __future__ import annotations
 
+import math
 from operator import getitem
 
-import networkx as nx
 import torch
 from torch import fx
 
+from moecompile._lazy import nx
 from moecompile.frontend.capture import SELECTIONS, Recording
 from moecompile.frontend.experts import read_experts
-from moecompile.frontend.graph import MATMULS, Reader, Unsupported, matmul_operands, shape
+from moecompile.frontend.graph import MATMULS, TRANSPOSES, Reader, Unsupported, matmul_operands, shape
 from moecompile.ir.spec import CapacitySpec, MoESpec, RouteSpec, WeightRef
 
 aten = torch.ops.aten
@@ -83,7 +84,7 @@ def analyze(rec: Recording, block: torch.nn.Module) -> MoESpec:
     outputs = _outputs(g, rec, x, router_mm, routed, weight_chain)
     return MoESpec(hidden=D, route=route, expert=expert, router=WeightRef(router_name),
                    weights=weights, router_bias=_bias_of(g, router_mm), score_bias=score_bias,
-                   capacity=_capacity(g, sels), shared=shared, shared_gate=shared_gate,
+                   capacity=_capacity(g, sels, x, E), shared=shared, shared_gate=shared_gate,
                    shared_gate_bias=shared_gate_bias, outputs=outputs)
 
 
@@ -197,17 +198,120 @@ def _common_module(names: list[str]) -> str:
     return ".".join(common)
 
 
-def _capacity(g: Reader, sels) -> CapacitySpec | None:
-    """Capacity: a cumulative count of tokens per expert compared with a constant (Switch, GShard)."""
+CAPACITY_TESTS = {aten.le.Scalar, aten.lt.Scalar, aten.le.Tensor, aten.lt.Tensor,
+                  aten.ge.Scalar, aten.gt.Scalar, aten.ge.Tensor, aten.gt.Tensor}
+RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _capacity(g: Reader, sels, x, E: int) -> CapacitySpec | None:
+    """Capacity: a running count of each expert's tokens (a cumsum of the one-hot choices over tokens)
+    compared with a constant (Switch, GShard): an expert keeps the tokens whose count is within it. The
+    count runs within capacity groups, read by `_capacity_group`. The constant is read as the capacity of
+    every group of every call: the recording cannot show whether model code computed it from the shape of
+    the call it was recorded on (Hugging Face Switch's `expert_capacity` is a config constant)."""
     for n in sorted(set().union(*(nx.descendants(g.dag, s) for s in sels)), key=g.order.get):
-        if n.target is aten.cumsum.default:
-            for u in n.users:
-                if u.target in (aten.le.Scalar, aten.lt.Scalar) and isinstance(u.args[1], (int, float)):
-                    cap = int(u.args[1]) - (1 if u.target is aten.lt.Scalar else 0)
-                    s, dim = shape(n), n.args[1]
-                    group = s[dim] if len(s) == 3 else 0
-                    return CapacitySpec(cap, group)
-    return None  # a cumsum without a comparison is just group offsets (grouped-GEMM dispatch)
+        if n.target is not aten.cumsum.default:
+            continue
+        tests = [u for u in n.users if u.target in CAPACITY_TESTS]
+        s = shape(n)
+        if not tests or not s or n.args[1] % len(s) == len(s) - 1:
+            # without a comparison: group offsets (grouped-GEMM dispatch); along the last dim: a sum over
+            # experts (or of 1-D counts), not a count of tokens
+            continue
+        test = tests[0]
+        bound = test.args[1]
+        if test.target not in (aten.le.Scalar, aten.lt.Scalar) or isinstance(bound, bool) or \
+                not isinstance(bound, (int, float)):
+            raise Unsupported(f"tokens are counted per expert and compared ({test.target}) with something other "
+                              "than a constant capacity (count <= C or count < C)")
+        # count <= c keeps floor(c) tokens; count < c keeps ceil(c) - 1; at least none
+        capacity = max(0, math.floor(bound) if test.target is aten.le.Scalar else math.ceil(bound) - 1)
+        return CapacitySpec(capacity, **_capacity_group(g, n, x, E))
+    return None
+
+
+def _capacity_group(g: Reader, count, x, E: int) -> dict:
+    """What one capacity group is (CapacitySpec.group): the tokens the count runs over, for any call.
+
+    The count is a cumsum over one token dim of a [tokens..., E] tensor. Its token dims are the input's
+    own, x [..., S, D] → [..., S] (Switch: the router applied to x itself, its logits [B, S, E]): counted
+    along S, a group is each sequence, S = x.shape[-2] in every call. Flattened, [T]: all the tokens of a
+    call. Regrouped by model code ([n, G] from a reshape): the sizes are recorded as the ints of this one
+    call, so a G that equals a size of the input (its sequence length, say) may have been computed from it;
+    only a reshape written with -1 for the number of groups and a size no input has reads as a fixed group
+    of G tokens. aten's own regrouping, which restores a matmul's leading dims (linear or matmul on an N-d
+    tensor: flatten, mm, `_unsafe_view` back), takes its sizes from the tensor and is not model code.
+    Anything else is refused: assuming would bake this call's shape into every call."""
+    src, dim = count.args[0], count.args[1]
+    s, xs = shape(src), shape(x)[:-1]
+    T = math.prod(xs)
+    if T == 0:
+        raise Unsupported("the block was recorded on no tokens: its capacity groups cannot be read")
+    dim = dim % len(s) if s else dim
+    lead = s[:-1]
+    if len(s) < 2 or s[-1] != E or dim != len(s) - 2 or math.prod(lead) != T:
+        raise Unsupported(f"tokens are counted per expert over dim {dim} of a {list(s)} tensor: a layout other "
+                          f"than [tokens..., {E} experts] counted along its last token dim (input {list(shape(x))})")
+    path = g.between(x, count)
+    turned = sorted((n for n in path if n.target in TRANSPOSES), key=g.order.get)
+    if turned:
+        raise Unsupported(f"tokens are counted per expert after a transpose ({turned[0].name}): capacity groups "
+                          "that are not runs of consecutive tokens")
+    if len(lead) == 1:
+        return dict(group="call")
+    splits = sorted((n for n in path if n.target in RESHAPES and len(_token_dims(shape(n), T) or ()) >= 2
+                     and not _restores_leading_dims(n, T)), key=g.order.get)
+    G = lead[-1]
+    if not splits and lead == xs:
+        return dict(group="sequence")
+    what = (f"capacity groups of {G} tokens (tokens counted per expert in a {list(s)} tensor, hidden states "
+            f"{list(shape(x))})")
+    if not splits:
+        raise Unsupported(f"{what}: the token dims do not come from the input's by any reshape understood")
+    sizes = [list(n.args[1]) if len(n.args) > 1 else None for n in splits]
+    if len(lead) != 2 or any(_token_dims(shape(n), T) != lead or sz is None or sz[:2] != [-1, G]
+                             for n, sz in zip(splits, sizes)):
+        last = splits[-1]
+        linear = " (F.linear with a bias on [..., S, D] records this way too)" \
+            if last.args[0].target is aten.addmm.default else ""
+        raise Unsupported(f"{what}: the tokens are reshaped ({last.name} to {sizes[-1]}){linear} with sizes recorded "
+                          "as this call's numbers; whether a group is each sequence of the input, a fixed number of "
+                          "tokens or a fixed number of groups cannot be told from one call")
+    taken = set(xs) | {T} | {d for i in g.rec.inputs[1:] for d in shape(i)}
+    if G in taken:
+        raise Unsupported(f"{what}: the tokens are reshaped to [-1, {G}, ...] ({splits[-1].name}) and {G} "
+                          f"is also a size of the inputs (hidden states {list(shape(x))}): a fixed group of {G} tokens "
+                          "and a group computed from the input's shape cannot be told apart from one call (an "
+                          f"example input with another sequence length can tell them)")
+    return dict(group="fixed", group_size=G)
+
+
+def _token_dims(s: tuple, T: int) -> tuple | None:
+    """The leading dims of a tensor of shape `s` that hold the T tokens (the longest prefix of product T),
+    or None."""
+    found, p = None, 1
+    for i, d in enumerate(s):
+        p *= d
+        if p == T:
+            found = tuple(s[:i + 1])
+        elif p > T:
+            break
+    return found
+
+
+def _restores_leading_dims(n, T: int) -> bool:
+    """n is aten's `_unsafe_view` of a matmul's output back to the leading dims of the tensor the matmul
+    flattened (linear and matmul on an N-d input): sizes aten took from that tensor, not model constants.
+    (A user's reshape of a matmul's output records as `view`: it never produces `_unsafe_view` there.)"""
+    m = n.args[0]
+    if n.target is not aten._unsafe_view.default or not isinstance(m, fx.Node) or m.target not in MATMULS:
+        return False
+    for a in matmul_operands(m)[:2]:
+        if isinstance(a, fx.Node) and a.target in RESHAPES and isinstance(a.args[0], fx.Node) and \
+                len(_token_dims(shape(a), T) or ()) == 1 and \
+                _token_dims(shape(a.args[0]), T) == _token_dims(shape(n), T):
+            return True
+    return False
 
 
 def _outputs(g: Reader, rec: Recording, x, router_mm, routed, weight_chain) -> tuple[str, ...]:

@@ -12,16 +12,28 @@ Why a recorder and not torch.export or make_fx: the graph is only *read* (the an
 `MoESpec`, and the lifted block is then validated numerically), never executed, so it may be specialized
 to the recorded input. Both torch.export (non-strict) and make_fx refuse the data-dependent expert loop of
 transformers 5.x Mixtral (`for e in mask.nonzero()`); running it for real resolves that loop.
+
+Both run under `compile_run`: on private copies of the caller's inputs, in a fixed context whatever the
+caller's (no autocast, no inference mode, no saved-tensor hooks or dispatch modes of the caller's, FSDP2
+parameters gathered), with the RNG, buffers and module counters put back afterwards: compiling must have no
+effect the caller can observe except speed.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import logging
+import types
+import weakref
 from dataclasses import dataclass, field
 from operator import getitem
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
+
+log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 SELECTIONS = {aten.topk.default, aten.max.dim, aten.argmax.default}
@@ -149,4 +161,239 @@ def record(block: nn.Module, args: tuple, kwargs: dict) -> Recording:
     flat = tree_flatten(out)[0]
     outputs = [known[id(o)][1] if isinstance(o, torch.Tensor) and id(o) in known else None for o in flat]
     graph.output(tuple(outputs))
-    return Recording(graph, params, inputs, outputs)
+    recording = Recording(graph, params, inputs, outputs)
+    _MATMULS[block] = _matmuls_by_param(recording)
+    return recording
+
+
+# ---- what autocast does to a block ------------------------------------------------------------------------
+# Per recorded block, the aten matmul ops that read each parameter (through views and casts). Under
+# torch.autocast the original block computes a matmul in autocast's lower precision only if its op has an
+# autocast kernel (mm, addmm, bmm, linear... do; aten._grouped_mm, Hugging Face's default expert path, does
+# not: its experts stay in fp32 under autocast). The lifted block reads this to do the same (autocast_ops).
+_MATMULS: "weakref.WeakKeyDictionary[nn.Module, dict[str, set[str]]]" = weakref.WeakKeyDictionary()
+AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU", "mps": "AutocastMPS"}
+
+
+def _matmuls_by_param(rec: Recording) -> dict[str, set[str]]:
+    from moecompile.frontend.graph import MATMULS, PASSTHROUGH  # graph.py imports this module
+    found: dict[str, set[str]] = {}
+    for n in rec.graph.nodes:
+        if n.op != "call_function" or n.target not in MATMULS:
+            continue
+        for a in n.args:
+            while isinstance(a, torch.fx.Node) and a not in rec.params and a.op == "call_function" and \
+                    a.target in PASSTHROUGH:
+                a = a.args[0]
+            if isinstance(a, torch.fx.Node) and a in rec.params:
+                found.setdefault(rec.params[a], set()).add(n.target.name())
+    return found
+
+
+def autocast_ops(block: nn.Module, param_names) -> dict[str, bool] | None:
+    """Per device type, whether every matmul of the last recording of `block` that reads one of
+    `param_names` computes in autocast's lower precision (None: no such matmul was recorded)."""
+    ops = set().union(*(_MATMULS.get(block, {}).get(name, set()) for name in param_names))
+    if not ops:
+        return None
+    lowers = {}
+    for device, key in AUTOCAST_KEYS.items():
+        try:
+            lowers[device] = all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key) for op in ops)
+        except RuntimeError:  # a dispatch key this build does not know
+            continue
+    return lowers
+
+
+# ---- the conditions of every run while compiling -----------------------------------------------------------
+@contextlib.contextmanager
+def compile_run(model: nn.Module, args: tuple, kwargs: dict):
+    """Runs of the model and of its blocks while compiling happen in here; yields private copies of
+    (args, kwargs) to run the model on.
+
+    What the caller observes afterwards is as before: the compile run works on copies of the arguments
+    (a KV cache, any object the model mutates; tensors are cloned, modules and the model's own parameters
+    and buffers are not), the RNG of the CPU and of the CUDA devices in play is forked, and buffers the
+    runs changed (running statistics) and numbers on the modules (counters) are put back. Whatever context
+    the first call came in, the runs see the same one: autocast off (the blocks are read and validated in
+    their own precision; the rewrite then follows autocast as the original does), outside inference mode
+    (whose tensors cannot be differentiated, as validation must, and whose composite ops are not
+    decomposed), without the caller's saved-tensor hooks (activation checkpointing would count the compile
+    run's tensors as the checkpointed region's) and Python dispatch modes (a FLOP counter, selective
+    checkpointing), and with FSDP2's parameters gathered for the whole compilation (blocks are run on their
+    own, outside the forward in which FSDP gathers them)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        for device in _autocasting():
+            stack.enter_context(torch.autocast(device, enabled=False))
+        stack.enter_context(_without_saved_tensors_hooks())
+        stack.enter_context(_without_dispatch_modes())
+        stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)))
+        stack.enter_context(_restored_module_state(model))
+        stack.enter_context(_fsdp_gathered(model))
+        yield private_copy((args, kwargs), model)
+
+
+def _autocasting() -> list[str]:
+    on = []
+    for device in AUTOCAST_KEYS:
+        try:
+            if torch.is_autocast_enabled(device):
+                on.append(device)
+        except RuntimeError:
+            continue
+    return on
+
+
+@contextlib.contextmanager
+def _without_saved_tensors_hooks():
+    """The caller's saved-tensor hooks (torch.utils.checkpoint's, CPU offloading's) off the stack meanwhile."""
+    popped = []
+    while (top := torch._C._autograd._top_saved_tensors_default_hooks(True)) is not None:
+        popped.append(top)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(popped):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+_TRACING = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
+            torch._C._TorchDispatchModeKey.FUNCTIONAL)
+
+
+@contextlib.contextmanager
+def _without_dispatch_modes():
+    """The caller's Python dispatch modes off meanwhile, unless a tracer's (the call is being traced)."""
+    if any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING) or \
+            not torch._C._len_torch_dispatch_stack():
+        yield
+        return
+    with _disable_current_modes():
+        yield
+
+
+def _cuda_devices(model: nn.Module, args, kwargs) -> list[int]:
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    tensors += [t for t in model.parameters()] + [t for t in model.buffers()]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+_NUMBERS = (bool, int, float)
+
+
+@contextlib.contextmanager
+def _restored_module_state(model: nn.Module):
+    """Buffers (the same tensor objects with their old values) and numbers set on modules (counters) as they
+    were; what compilation itself adds or replaces (forwards, parameters, submodules) is left alone."""
+    buffers, numbers = [], []
+    for m in model.modules():
+        buffers += [(m, name, b, b._version, b.detach().clone()) for name, b in m._buffers.items() if b is not None]
+        numbers += [(m, k, v) for k, v in vars(m).items() if type(v) in _NUMBERS]
+    try:
+        yield
+    finally:
+        for m, name, b, version, value in buffers:
+            if name in m._buffers and m._buffers[name] is not b:
+                m._buffers[name] = b
+            if b._version != version:
+                with torch.inference_mode(b.is_inference()), torch.no_grad():
+                    b.copy_(value)
+        for m, k, v in numbers:
+            if k in vars(m) and type(vars(m)[k]) in _NUMBERS and vars(m)[k] != v:
+                setattr(m, k, v)
+
+
+@contextlib.contextmanager
+def _fsdp_gathered(model: nn.Module):
+    """FSDP2 (fully_shard) parameters unsharded for the whole compilation and not resharded after the
+    compile run's forwards: the blocks are recorded and validated on their own, outside the forward of the
+    FSDP module that gathers them (sharded, they are DTensors a block's own code cannot mix with its
+    inputs). Afterwards each parameter group is as sharded as it was. A collective: every rank compiles."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import ShardedState
+    except ImportError:  # a build without distributed
+        yield
+        return
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        yield
+        return
+    for m in modules:
+        m._get_fsdp_state()._lazy_init()  # a no-op once a forward has run (the first call's root forward has)
+    groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    saved = [(g, g.post_forward_mesh_info, g._sharded_state) for g in groups]
+    try:
+        for m in modules:
+            m.unshard()
+        for g in groups:
+            g.post_forward_mesh_info = None  # no resharding after the compile run's forwards
+        yield
+    finally:
+        for g, mesh_info, state in saved:
+            g.post_forward_mesh_info = mesh_info
+            if state == ShardedState.SHARDED:
+                g._to_sharded()
+            elif state == ShardedState.SHARDED_POST_FORWARD:
+                g._to_sharded_post_forward()
+
+
+def private_copy(inputs, model: nn.Module):
+    """A copy of `inputs` the compile run may change at will: tensors cloned (detached, normal tensors even
+    from inference mode), containers and other objects (a Hugging Face Cache) deep-copied; modules, the
+    model's parameters and buffers, and anything reachable from them, kept as they are. An object that
+    cannot be deep-copied is used as it is (and logged)."""
+    memo = {}
+    for m in model.modules():
+        memo[id(m)] = m
+    for t in list(model.parameters()) + list(model.buffers()):
+        memo[id(t)] = t
+    for t in _tensors_in(inputs, memo):
+        with torch.no_grad():
+            clone = t.detach().clone()
+        if t.is_leaf and t.requires_grad and clone.is_floating_point():
+            clone.requires_grad_()
+        memo[id(t)] = clone
+    memo[id(memo)] = [inputs]  # deepcopy keeps what it copied alive here; so do we
+
+    def copy_one(x):
+        if id(x) in memo:
+            return memo[id(x)]
+        if isinstance(x, _ATOMS):
+            return x
+        try:
+            return copy.deepcopy(x, memo)
+        except Exception as e:
+            log.info("moecompile: compiling runs the model on %s itself: it could not be copied (%r)",
+                     type(x).__name__, e)
+            return x
+    return tree_map(copy_one, inputs)
+
+
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout,
+          torch.memory_format, types.FunctionType, types.BuiltinFunctionType, type, nn.Module)
+
+
+def _tensors_in(root, skip: dict) -> list[torch.Tensor]:
+    """The tensors reachable from `root` through containers and object attributes (not through modules or
+    what `skip` holds)."""
+    found, seen, todo = [], set(skip), [root]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen or isinstance(x, _ATOMS):
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, dict):
+            todo += list(x.keys()) + list(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            todo += list(x)
+        else:
+            todo += list(getattr(x, "__dict__", {}).values())
+            slots = getattr(type(x), "__slots__", ())
+            for slot in (slots,) if isinstance(slots, str) else slots:
+                todo.append(getattr(x, slot, None))
+    return found

@@ -11,6 +11,10 @@ can read like any user module:
 
 so the usual pipeline (find_moe → lift_moe → ... → validate) lifts it, and `replace(gm, block, fn)` swaps
 the block's nodes for one call of `fn(*activations, *parameters)`.
+
+With dynamic shapes the graph also computes symbolic sizes (`s0 * s1` tokens). Dynamo computes each once and
+reuses the node wherever the size recurs, so a node traced in one block may feed the next: such size
+arithmetic belongs to no block (`size_arithmetic`), and a block reads it as an input, like `s0` itself.
 """
 from __future__ import annotations
 
@@ -59,6 +63,23 @@ def parameter_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
         if n.op == "placeholder" and arg is not None and re.search(r"_(?:parameters|buffers)\[", arg.source.name):
             out[n] = module_path(arg.source.name)
     return out
+
+
+SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def size_arithmetic(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that compute a symbolic size from the graph's symbolic inputs alone (dynamic shapes: `s0 * s1`
+    for a token count). Dynamo computes each such expression once per graph and reuses the node wherever
+    the value recurs, so one traced in a block may feed the next block too: it belongs to no block. A block
+    reads it as an input; the sizes a block derives from its tensors' data (`nonzero`, `.item()`) stay its own."""
+    found: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method") and isinstance(n.meta.get("example_value"), SYMBOLIC) and \
+                all(a in found or (a.op == "placeholder" and isinstance(a.meta.get("example_value"), SYMBOLIC))
+                    for a in n.all_input_nodes):
+            found.add(n)
+    return found
 
 
 @dataclass
@@ -116,7 +137,9 @@ def extract(gm: fx.GraphModule, path: str, values: dict[fx.Node, object]) -> Blo
     value of every placeholder (a parameter's is the Parameter itself)."""
     params = parameter_names(gm)
     prefix = path + "." if path else ""
-    inside = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and (not path or path in stack(n))]
+    shared = size_arithmetic(gm)
+    inside = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n not in shared
+              and (not path or path in stack(n))]
     if not inside:
         return None
     members = set(inside)

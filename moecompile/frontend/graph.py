@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from operator import getitem
 
-import networkx as nx
 import torch
 from torch import fx
 
+from moecompile._lazy import nx
 from moecompile.frontend.capture import Recording
 
 aten = torch.ops.aten

@@ -45,7 +45,7 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
     (DGMoE, top-1): each token's expert must differ from avoid[t]; where its first choice equals it, its
     second choice is taken."""
     r, kern = spec.route, spec.kernels
-    tokens = routed_in.reshape(-1, spec.hidden)                                  # [T, D]
+    tokens = flat_tokens(spec, block, routed_in)                                 # [T, D]
     if spec.router_module is not None:
         router = block.get_submodule(spec.router_module)
         if router._forward_hooks or router._forward_pre_hooks:
@@ -64,7 +64,7 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
         first, second = scores.topk(2, dim=-1).indices.unbind(-1)                       # [T] ×2
         indices = torch.where(first == avoid, second, first).unsqueeze(-1)              # [T, 1]
         weights = scores.gather(-1, indices) * r.scale
-    cap = call_capacity(spec, indices)
+    cap = call_capacity(spec, indices, routed_in.shape)
     priority = None
     if cap and spec.routing.batch_prioritized:  # each token's largest router score: its importance
         plain = logits.detach().float()
@@ -87,7 +87,7 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
     meanwhile), combine, the shared expert's contribution; → the block's outputs (logits and weights of
     the first branch)."""
     kern = spec.kernels
-    current = x.reshape(-1, spec.hidden)                                         # [T, D]
+    current = flat_tokens(spec, block, x)                                        # [T, D]
     shared = functools.partial(shared_expert, spec, block, current) if spec.shared is not None else None
     out, shared_out = None, None
     for b, routed in enumerate(branches):
@@ -104,7 +104,7 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
         else:
             y_perm = ffn(x_perm, counts)                                          # [N, D]
         fill = tokens if cap and cap.dropped == "identity" else None
-        part = ops.call(ops.combine, y_perm, routed.order, routed.weights, fill, kern["combine"])  # [T, D]
+        part = combine(y_perm, routed, fill, kern["combine"])                    # [T, D]
         out = part if out is None else out + part
     if shared is not None:
         out = out + (shared() if shared_out is None else shared_out)
@@ -112,6 +112,18 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
     results = {"out": out.view(x.shape).to(x.dtype), "logits": first.logits, "weights": first.weights}
     picked = tuple(results[name] for name in spec.outputs)
     return picked[0] if len(picked) == 1 else picked
+
+
+def flat_tokens(spec: MoESpec, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] → tokens [T, D]. The hidden size is checked first, as the original block's own matmuls
+    would: a reshape alone regroups any input whose size D divides (e.g. [2, 3, 16] into [3, 32]) and the
+    block would return a result of the wrong shape. A comparison of host ints (a guard on a symbolic size):
+    no device work. The dtype needs no check here: the router's F.linear refuses one its weight does not
+    take, as the original's does (an explicit check would also refuse what autocast makes valid)."""
+    if x.dim() == 0 or x.shape[-1] != spec.hidden:
+        raise ValueError(f"{type(block).__name__} expects hidden states of shape [..., {spec.hidden}] "
+                         f"(its hidden size is {spec.hidden}), got {list(x.shape)}")
+    return x.reshape(-1, spec.hidden)
 
 
 @dataclasses.dataclass
@@ -148,21 +160,70 @@ def expert_weights(spec: MoESpec, block: nn.Module) -> dict[str, list[torch.Tens
 def expert_ffn(spec: MoESpec, w: dict, rows: torch.Tensor, rows_per_expert: torch.Tensor, save: bool):
     """rows [n, D] grouped by expert (rows_per_expert [E']) → [n, D] through the experts in `w`."""
     ex = spec.expert
+    device = autocasting(rows)
+    if device is not None:  # under torch.autocast: as the original's expert matmuls are
+        rows, w = autocast_experts(spec, rows, w, device)
+        with torch.autocast(device, enabled=False):
+            return expert_ffn(spec, w, rows, rows_per_expert, save)
     return ops.call(ops.expert_ffn, rows, rows_per_expert, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
                     ex.activation, ex.fused, ex.alpha, ex.limit, save, spec.kernels["expert_ffn"])[0]
 
 
-def call_capacity(spec: MoESpec, indices: torch.Tensor) -> CapacitySpec | None:
-    """The capacity this call runs with, from the routing indices [T, k]: the block's own, or the one
-    spec.routing's capacity factor x gives (RoutingOverride: Tutel's rule). x ≤ 0 reads the largest
-    per-expert count of any group back to the host (one sync) and, under expert parallelism, takes the
-    largest over the ep group (one tiny all-reduce), so every rank's [E, C, D] exchange buffer agrees."""
+def combine(y_perm: torch.Tensor, routed: "Routed", fill: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """Σ_k weight · expert output per token (ops.combine). Under torch.autocast as the original's weighting and
+    sum, which are elementwise ops and index_add (no autocast): in the promoted dtype of the expert outputs
+    and the fp32 routing weights, not in autocast's lower precision (the kernels' bmm would be cast)."""
+    device = autocasting(y_perm)
+    if device is not None:
+        y_perm = y_perm.to(torch.promote_types(y_perm.dtype, routed.weights.dtype))
+        with torch.autocast(device, enabled=False):
+            return ops.call(ops.combine, y_perm, routed.order, routed.weights, fill, backend)
+    return ops.call(ops.combine, y_perm, routed.order, routed.weights, fill, backend)
+
+
+# ---- torch.autocast ------------------------------------------------------------------------------------------
+# The canonical ops run with autocast off: under autocast the rewrite casts where the original's ops would be
+# cast, no more (the router's F.linear and the shared expert, plain model code, follow autocast themselves).
+def autocasting(t: torch.Tensor) -> str | None:
+    """The device type of `t` if autocast is on for it, else None."""
+    device = t.device.type
+    return device if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device) else None
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def autocast_experts(spec: MoESpec, rows: torch.Tensor, w: dict, device: str):
+    """(rows, weights) cast to autocast's dtype if the original's expert matmuls are (mm, addmm, bmm: an
+    nn.Linear or einsum expert), as they are (aten._grouped_mm: Hugging Face's stacked experts stay in their
+    own precision). `spec.expert_autocast` (device type → bool) is what compilation read from the recorded
+    block (api._note_autocast); without it, autocast's rule for matmuls: lower precision."""
+    if not spec.expert_autocast.get(device, True):
+        return rows, w
+    dtype = torch.get_autocast_dtype(device)
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+    return cast(rows), {role: [cast(t) for t in ts] for role, ts in w.items()}
+
+
+def call_capacity(spec: MoESpec, indices: torch.Tensor, input_shape=None) -> CapacitySpec | None:
+    """The capacity this call runs with, from the routing indices [T, k] of hidden states of `input_shape`
+    [..., S, D]: the block's own, its groups resolved for this call (a per-sequence group is S tokens,
+    CapacitySpec.for_input), or the one spec.routing's capacity factor x gives in those groups
+    (RoutingOverride: Tutel's rule). x ≤ 0 reads the largest per-expert count of any group back to the
+    host (one sync) and, under expert parallelism, takes the largest over the ep group (one tiny
+    all-reduce), so every rank's [E, C, D] exchange buffer agrees. The result's groups are "fixed" or
+    "call", what the dispatch kernels take."""
     own, x = spec.capacity, spec.routing.capacity_factor
+    if own is not None and own.group == "sequence":
+        if input_shape is None:
+            raise ValueError("a capacity per sequence needs the hidden states' shape [..., S, D] to group tokens")
+        own = own.for_input(input_shape)
     if x is None:
         return own
     T, k = indices.shape
-    E, group_size = spec.num_experts, own.group_size if own else 0
-    G = group_size or max(T, 1)                                                  # tokens per capacity group
+    fixed = own is not None and own.group == "fixed"
+    E, group_size = spec.num_experts, own.group_size if fixed else 0
+    G = group_size if fixed else torch.sym_max(T, 1)                              # tokens per capacity group
     bound = math.ceil(round(k * abs(x) * G / E, 9))  # rounded first: 1.1·10 tokens is 11, not 12
     if x <= 0:
         groups = torch.arange(T * k, device=indices.device) // (G * k)          # [T·k] each slot's group
@@ -172,11 +233,16 @@ def call_capacity(spec: MoESpec, indices: torch.Tensor) -> CapacitySpec | None:
             dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=spec.parallel.group)
         bound = needed.item() if x == 0 else torch.sym_min(needed.item(), bound)
         torch._check(bound >= 0)  # traced, bound is a data-dependent size: say it is one
-    return CapacitySpec(bound, group_size, own.dropped if own else "zero")
+    return CapacitySpec(bound, group_size, own.dropped if own else "zero", "fixed" if fixed else "call")
 
 
 def capacity_rows(cap, tokens: int) -> int:
-    """The most rows one expert can keep from `tokens` tokens: its capacity in each group of tokens."""
+    """The most rows one expert can keep from `tokens` tokens: its capacity in each group of tokens. A
+    call's capacity (call_capacity) has its groups resolved; a block's own per-sequence one does not know
+    the sequence length (`cap.for_input(x.shape)` does): then the bound for any length, every token (an
+    expert takes a token at most once)."""
+    if cap.group == "sequence":
+        return min(tokens, cap.capacity * tokens)
     groups = -(-tokens // cap.group_size) if cap.group_size else 1
     return cap.capacity * groups
 

@@ -45,12 +45,52 @@ class ExpertSpec:
 
 @dataclass(frozen=True)
 class CapacitySpec:
-    """Fixed per-expert buffers: within each group of `group_size` consecutive tokens (0 = all tokens), an
-    expert takes at most `capacity` token-slots, first come first served. A dropped slot contributes zero, or
-    the token's own input when `dropped == "identity"` (Switch Transformers)."""
+    """Fixed per-expert buffers: within each capacity group of consecutive tokens, an expert takes at most
+    `capacity` token-slots, first come first served. A dropped slot contributes zero, or the token's own
+    input when `dropped == "identity"` (Switch Transformers).
+
+    `group` says what a group is, for any call, not for the call the block was read on:
+      "call"      all the tokens of a call (under expert parallelism: a rank's);
+      "fixed"     `group_size` consecutive tokens, the same in every call (GShard-style groups);
+      "sequence"  each sequence of the block's input x [..., S, D]: S = x.shape[-2] tokens, whatever S is
+                  in a call (Hugging Face Switch Transformers: `expert_capacity` slots per sequence).
+    Left unset it follows `group_size`: "fixed" if > 0, else "call". `for_input(x.shape)` resolves a spec
+    for one call to the "fixed"/"call" form the kernels take (`group_size` = tokens per group, 0 = all)."""
     capacity: int
     group_size: int = 0
     dropped: str = "zero"
+    group: str = ""
+
+    def __post_init__(self):
+        group = self.group or ("fixed" if self.group_size else "call")
+        if group not in CAPACITY_GROUPS:
+            raise ValueError(f"CapacitySpec group={self.group!r}: expected one of {CAPACITY_GROUPS}")
+        if not torch.compiler.is_compiling() and type(self.group_size) is int and \
+                (group == "fixed") != (self.group_size > 0):  # a traced call's sizes may be symbolic: no guard
+            raise ValueError(f"CapacitySpec group={group!r} with group_size={self.group_size}: a group_size > 0 "
+                             "is what a \"fixed\" group takes, and only it")
+        object.__setattr__(self, "group", group)
+
+    def __setstate__(self, state):  # unpickling one saved before `group` existed: what group_size meant then
+        state.setdefault("group", "fixed" if state.get("group_size") else "call")
+        self.__dict__.update(state)
+
+    def for_input(self, input_shape) -> "CapacitySpec":
+        """This spec for one call on hidden states of `input_shape` [..., S, D]: a per-sequence group
+        becomes S tokens (S may be a symbolic size when traced); other groups do not depend on the call."""
+        if self.group != "sequence":
+            return self
+        seq = input_shape[-2] if len(input_shape) >= 2 else 1
+        if isinstance(seq, int) and seq == 0:  # no tokens: nothing to group
+            return CapacitySpec(self.capacity, 0, self.dropped, "call")
+        return CapacitySpec(self.capacity, seq, self.dropped, "fixed")
+
+    def describe(self) -> str:
+        """The groups in words, for reports: "per sequence", "per 12 tokens" or "" (all of a call's)."""
+        return {"sequence": "per sequence", "fixed": f"per {self.group_size} tokens"}.get(self.group, "")
+
+
+CAPACITY_GROUPS = ("call", "fixed", "sequence")
 
 
 @dataclass(frozen=True)
@@ -156,6 +196,8 @@ class MoESpec:
     shortcut: object | None = None     # passes.shortcut.Tap: the routed branch's input (ScMoE), else x itself
     expert_load: torch.Tensor | None = None  # [E] token-expert assignments counted in training forwards, when set
                                               # (runtime/checkpoint.py: PEC's load-aware selection and lost tokens)
+    expert_autocast: dict[str, bool] = field(default_factory=dict)  # device type → whether torch.autocast lowers
+                                              # the original's expert matmuls (api._note_autocast; unset: it does)
     notes: list[str] = field(default_factory=list)
 
     @property

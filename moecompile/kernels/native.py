@@ -277,7 +277,8 @@ def _clamped_swiglu_backward_into(grad_g, grad_u, grad_h, g, u, alpha, limit):
 def combine_forward(y_perm, order, weights, fill):
     """out[t] = Σ_j weights[t, j] · y(slot t·k+j), as one batched [1, k] × [k, D] matmul per token."""
     T, k = weights.shape
-    slots = to_slots(y_perm, order, T * k).view(T, k, -1)                  # [T, k, D]
+    # D spelled out: with 0 tokens a -1 could be any size and view refuses it
+    slots = to_slots(y_perm, order, T * k).view(T, k, y_perm.shape[1])     # [T, k, D]
     out = torch.bmm(weights.to(y_perm.dtype).unsqueeze(1), slots).squeeze(1)  # [T, D]
     if fill is not None:
         dropped_weight = (weights * _dropped(weights, order)).sum(-1)                  # [T]

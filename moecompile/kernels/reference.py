@@ -18,15 +18,15 @@ def route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n
     scores = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()  # [T, E]
     select = scores if score_bias is None else scores + score_bias.float()
     if n_group > 1:
-        T = select.shape[0]
-        grouped = select.view(T, n_group, -1)                                           # [T, G, E/G]
+        T = select.shape[0]  # sizes below spelled out, no -1: with 0 tokens view cannot infer it
+        grouped = select.view(T, n_group, num_experts // n_group)                       # [T, G, E/G]
         if group_score == "max":
             group_scores = grouped.max(-1).values
         else:
             group_scores = grouped.topk(2, dim=-1).values.sum(-1)                      # [T, G]
         best = group_scores.topk(topk_group, dim=-1).indices                            # [T, g]
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-        keep = keep.unsqueeze(-1).expand_as(grouped).reshape(T, -1)                     # [T, E]
+        keep = keep.unsqueeze(-1).expand_as(grouped).reshape(T, num_experts)            # [T, E]
         select = select.masked_fill(~keep, 0.0)  # as DeepSeek does: 0, not -inf
     indices = select.topk(top_k, dim=-1).indices                                        # [T, k]
     weights = scores.gather(-1, indices)                                                # [T, k]
@@ -46,7 +46,7 @@ def slot_order(indices, num_experts, capacity, group_size, priority=None):
     T, k = indices.shape
     flat = indices.flatten()                                                            # [T·k]
     if capacity >= 0:
-        tokens_per_group = group_size if group_size > 0 else T
+        tokens_per_group = group_size if group_size > 0 else torch.sym_max(T, 1)  # 0 tokens: one empty group
         taken = (torch.arange(T * k, device=flat.device) if priority is None else
                  priority_slots(priority, k, tokens_per_group))                        # [T·k] in taking order
         onehot = F.one_hot(flat[taken], num_experts).view(-1, tokens_per_group * k, num_experts)  # [G, Sg·k, E]

@@ -18,15 +18,15 @@ Pseudo-code:
 from __future__ import annotations
 
 import logging
-import types
 
 import torch
+from torch import nn
 
 from moecompile.frontend.analyze import Unsupported, analyze
 from moecompile.frontend.capture import Site, record
 from moecompile.ir.lowering import run_moe
 from moecompile.ir.spec import RoutingOverride
-from moecompile.passes.registry import CompileContext, Lifted, register_pass
+from moecompile.passes.registry import CompileContext, InstalledForward, Lifted, register_pass
 from moecompile.report import MoELayer
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,19 @@ def _install(ctx, name, block, spec, args, kwargs) -> MoELayer:
         layer.reason = "the block's hidden states are not its first positional argument"
         return layer
 
-    def lifted(self, x, *rest, **kw):
-        return run_moe(spec, self, x)
-
     spec.routing = RoutingOverride(ctx.options.capacity_factor, ctx.options.batch_prioritized)
     ctx.lifted.append(Lifted(layer, block, block.forward, args, kwargs))
-    block.forward = types.MethodType(lifted, block)
+    block.forward = LiftedForward(spec, block)
     layer.rewritten = True
     return layer
+
+
+class LiftedForward(InstalledForward):
+    # `block.forward` of a rewritten block: run_moe(spec, block, x). The spec is the one explain()'s report
+    # holds (set_routing() changes both, also after pickling: pickle keeps shared objects shared).
+
+    def __init__(self, spec, block: nn.Module):
+        self.spec, self.module = spec, block
+
+    def __call__(self, x, *rest, **kwargs):
+        return run_moe(self.spec, self.module, x)

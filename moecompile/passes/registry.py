@@ -1,6 +1,7 @@
 """Passes are data: each is a function `pass_(ctx)` registered under a name; pipelines are lists of names."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,6 +50,52 @@ class CompileContext:
     report: Report = field(default_factory=Report)
     sites: list[Site] = field(default_factory=list)
     lifted: list[Lifted] = field(default_factory=list)
+
+    def __getstate__(self) -> dict:
+        """Pickled (with the model: pickle, torch.save, copy.deepcopy) as what outlives compilation: the options
+        and the report (explain(), set_routing()). The compile run's inputs, sites and lifted blocks (recorded
+        activations, bound methods) are for the passes only."""
+        return {**self.__dict__, "args": (), "kwargs": {}, "sites": [], "lifted": []}
+
+
+class InstalledForward:
+    # Base of the callables moecompile installs as a module's `forward` (`module.forward = obj`).
+    #
+    # Objects of module-level classes, not closures or methods bound to functions the class lacks: pickle
+    # saves a bound method as `getattr(module, function name)`, which does not load back, and a closure not
+    # at all. Holding the module, they pickle and deep-copy with it. They present the class forward's
+    # signature, name and docstring (`__doc__` is a property here, hence comments), as `module.forward` did
+    # before, so code inspecting it (Hugging Face's Trainer keeps the dataset columns that
+    # `inspect.signature(model.forward)` names) sees no difference.
+
+    module: nn.Module
+
+    @property
+    def __wrapped__(self):
+        return type(self.module).forward.__get__(self.module)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.__wrapped__)
+
+    @property
+    def __code__(self):  # what runs (torch.export names its fake-tensor environment after it)
+        return type(self).__call__.__code__
+
+    @property
+    def __name__(self) -> str:
+        return getattr(type(self.module).forward, "__name__", "forward")
+
+    @property
+    def __doc__(self) -> str | None:
+        return type(self.module).forward.__doc__
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__doc__ = InstalledForward.__dict__["__doc__"]  # a class without a docstring has __doc__ = None
+
+    def __repr__(self) -> str:
+        return f"<moecompile {type(self).__name__} of {type(self.module).__name__}.forward>"
 
 
 PASSES: dict[str, Callable[[CompileContext], None]] = {}

@@ -40,10 +40,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 import torch.distributed as dist
 
+from moecompile._lazy import nx
 from moecompile.passes.registry import CompileContext, register_pass
 from moecompile.ir.lowering import capacity_rows, expert_ffn, expert_weights
 from moecompile.runtime.cost_model import (ALL_TO_ALL_ALGORITHMS, LinkRates, all_to_all_seconds,

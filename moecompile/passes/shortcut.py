@@ -41,15 +41,15 @@ import dataclasses
 import functools
 import re
 import time
-import types
 
 import torch
 from torch import nn
 
 from moecompile.frontend.experts import read_dense_ffn
 from moecompile.frontend.graph import Unsupported
-from moecompile.ir.lowering import begin_routed, expert_ffn, expert_weights, run_experts_early, run_moe
+from moecompile.ir.lowering import begin_routed, expert_ffn, expert_weights, run_experts_early
 from moecompile.ir.spec import ExpertWeights, MoESpec, RouteSpec, WeightRef
+from moecompile.passes.lift_moe import LiftedForward
 from moecompile.passes.registry import CompileContext, Lifted, register_pass
 from moecompile.passes.select_kernels import kernels_for
 from moecompile.report import MoELayer
@@ -341,7 +341,7 @@ def _install_upcycled(ctx, name, prev, x, x_prev, weights, prev_weights, expert,
     tap.early_module, tap.run_early = early_module, functools.partial(run_experts_early, spec, block)
     tap.attach(ctx.model)
     spec.shortcut = tap
-    block.forward = types.MethodType(lambda self, h, *rest, **kw: run_moe(spec, self, h), block)
+    block.forward = LiftedForward(spec, block)  # picklable, unlike a lambda (passes/registry.py)
     setattr(parent, child, block)
     tap.example = x_prev
     with torch.no_grad():  # how far the converted block starts from the dense FFN it replaces

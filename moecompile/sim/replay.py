@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import networkx as nx
-
+from moecompile._lazy import nx
 from moecompile.passes.schedule_overlap import CANDIDATES, chunk_dag, list_schedule
 from moecompile.runtime.cost_model import all_to_all_seconds
 from moecompile.sim.cluster import Cluster

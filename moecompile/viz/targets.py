@@ -11,6 +11,7 @@ model's smallest nn.Embedding (token ids must index it), floats from a normal di
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -108,12 +109,22 @@ def _call_factory(spec: str) -> nn.Module:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise TargetError(f"cannot import {module_name!r}: {e}") from None
+    except Exception as e:  # not only ImportError: the module's own top-level code may raise
+        raise TargetError(f"cannot import {module_name!r}: {type(e).__name__}: {e}") from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise TargetError(f"{module_name} has no callable {factory_name!r}")
-    model = factory()
+    try:  # checked before the call: a TypeError from inside the factory is not this mistake
+        inspect.signature(factory).bind()
+    except TypeError as e:
+        raise TargetError(f"{spec} needs arguments ({e}); name a factory that takes none, "
+                          f"e.g. def build(): return {factory_name}(...)") from None
+    except ValueError:  # no signature to check (some builtins): the call itself will tell
+        pass
+    try:
+        model = factory()
+    except Exception as e:  # the user's code: its error, not a moecompile traceback
+        raise TargetError(f"{spec}() raised {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise TargetError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -125,15 +136,18 @@ def make_inputs(shapes: list[tuple[tuple[int, ...], torch.dtype]], model: nn.Mod
     high = min(embeddings, default=2)
     tensors = []
     for shape, dtype in shapes:
-        tensors.append(torch.randn(shape, dtype=dtype) if dtype.is_floating_point
-                       else torch.randint(0, high, shape, dtype=dtype))
+        try:
+            tensors.append(torch.randn(shape, dtype=dtype) if dtype.is_floating_point
+                           else torch.randint(0, high, shape, dtype=dtype))
+        except RuntimeError as e:  # too large to allocate, or a dtype randn/randint cannot fill
+            raise TargetError(f"cannot make a {'x'.join(map(str, shape))} {dtype} example input: {e}") from None
     return tuple(tensors)
 
 
 def parse_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
-    m = re.fullmatch(r"(\d+(?:x\d+)*)(?::(\w+))?", text)
+    m = re.fullmatch(r"([1-9]\d*(?:x[1-9]\d*)*)(?::(\w+))?", text)  # no 0 dims: nothing to trace
     dtype = getattr(torch, m.group(2) or "float32", None) if m else None
     if not isinstance(dtype, torch.dtype) or dtype.is_complex or dtype == torch.bool:
-        raise TargetError(f"bad --example-input {text!r}; expected dims joined by x and an optional real dtype, "
+        raise TargetError(f"bad --example-input {text!r}; expected dims >= 1 joined by x and an optional real dtype, "
                           "e.g. 2x16:int64 or 2x16x32 (float32)")
     return tuple(int(d) for d in m.group(1).split("x")), dtype
