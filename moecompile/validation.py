@@ -39,9 +39,10 @@ def max_relative_error(a: torch.Tensor | None, b: torch.Tensor | None, like: tor
     return _distance(a, b) / max(b.abs().max().item(), floor, 1e-12)
 
 
-def _run(fn, block: nn.Module, x, rest, kwargs, seed) -> list[tuple[str, torch.Tensor]]:
-    """Labelled outputs, gradients (input, then every trainable parameter) for a fixed cotangent, and the
-    buffers after the call, of fn(x, ...); the block's buffers are then put back as they were."""
+def _run(fn, block: nn.Module, x, rest, kwargs, seed, grads=True) -> list[tuple[str, torch.Tensor]]:
+    """Labelled outputs, gradients (input, then every trainable parameter) for a fixed cotangent unless
+    `grads` is False, and the buffers after the call, of fn(x, ...); the block's buffers are then put back
+    as they were."""
     params = [(name, p) for name, p in block.named_parameters() if p.requires_grad]
     saved = _save_buffers(block)
     xi = x.detach().clone().requires_grad_(x.is_floating_point())
@@ -53,13 +54,13 @@ def _run(fn, block: nn.Module, x, rest, kwargs, seed) -> list[tuple[str, torch.T
             gen = torch.Generator().manual_seed(seed)
             cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in diff]
             wrt = [xi] + [p for _, p in params]
-            grads = torch.autograd.grad(diff, wrt, cot, allow_unused=True) if diff else [None] * len(wrt)
+            grad = torch.autograd.grad(diff, wrt, cot, allow_unused=True) if diff and grads else [None] * len(wrt)
         buffers = [(f"buffer {name}", b.detach().clone()) for name, b in block.named_buffers()]
     finally:
         _restore_buffers(block, saved)
     names = ["input gradient"] + [f"gradient of {name}" for name, _ in params]
-    return ([(f"output {i}", o.detach()) for i, o in enumerate(outs)] +
-            [(n, torch.zeros_like(t) if g is None else g) for n, t, g in zip(names, wrt, grads)] + buffers)
+    return ([(f"output {i}", o.detach()) for i, o in enumerate(outs)] + buffers +
+            [(n, torch.zeros_like(t) if g is None else g) for n, t, g in zip(names, wrt, grad) if grads])
 
 
 def _save_buffers(block: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -76,17 +77,17 @@ def _restore_buffers(block: nn.Module, saved: dict) -> None:
 
 
 def compare(block: nn.Module, original, rewritten, x: torch.Tensor, rest: tuple, kwargs: dict,
-            seed: int) -> tuple[float, str, int]:
+            seed: int, grads: bool = True) -> tuple[float, str, int]:
     """(worst relative error of rewritten(x, ...) against original(x, ...) over outputs, gradients and
     buffers after the call; the label of that tensor; the number of tensors accepted because they are as
     close to a float64 evaluation as the original is)."""
-    got = _run(rewritten, block, x, rest, kwargs, seed)
-    want = _run(original, block, x, rest, kwargs, seed)
+    got = _run(rewritten, block, x, rest, kwargs, seed, grads)
+    want = _run(original, block, x, rest, kwargs, seed, grads)
     if [n for n, _ in got] != [n for n, _ in want] or any(a.shape != b.shape for (_, a), (_, b) in zip(got, want)):
         return float("inf"), "the structure of the outputs", 0
     errors = [max_relative_error(a, b, b) for (_, a), (_, b) in zip(got, want)]
     if max(errors, default=0.0) > 1e-6:
-        truth = [t for _, t in _run_in_float64(block, x, rest, kwargs, seed)]
+        truth = [t for _, t in _run_in_float64(block, x, rest, kwargs, seed, grads)]
         # one fp32 rounding step of the largest value in play: nothing computed in fp32 is resolved below it
         ulp = torch.finfo(torch.float32).eps * max((t.abs().max().item() for t in truth if t.numel()), default=0.0)
         rejudged = 0
@@ -106,7 +107,7 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 _PRECISION = {torch.float64: 3, torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
 
 
-def _run_in_float64(block, x, rest, kwargs, seed):
+def _run_in_float64(block, x, rest, kwargs, seed, grads=True):
     """The block on a float64 copy, its working precision (that of its input x) and above raised to
     float64; state kept in a lower precision than x stays as it is, as do casts down to it (below)."""
     working = x.dtype
@@ -114,7 +115,7 @@ def _run_in_float64(block, x, rest, kwargs, seed):
     ref = copy.deepcopy(block)._apply(raise_)
     with _Float64Fallbacks(working):
         return _run(type(block).forward.__get__(ref), ref, raise_(x), tree_map(raise_, rest), tree_map(raise_, kwargs),
-                    seed)
+                    seed, grads)
 
 
 def _raised(dtype: torch.dtype, working: torch.dtype) -> bool:

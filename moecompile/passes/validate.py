@@ -4,7 +4,8 @@ Contract:   each entry of `ctx.lifted` is run, original and rewritten (with the 
             chose), on the block's recorded input, on a random input of the same scale, on the recorded
             input cut to one token per sequence and doubled in length (sizes of the recorded call must not
             be baked in), and in the other train/eval mode, comparing outputs, the input gradient, every
-            parameter gradient and every buffer after the call (moecompile/validation.py). Within
+            parameter gradient and every buffer after the call (gradients only on the first two inputs:
+            the other runs look for a size or mode not modelled) (moecompile/validation.py). Within
             `options.tolerance` the rewrite stays and the spec notes the measured error; otherwise the
             original forward is restored and the layer reports why.
             With routing options over the block's own (optimize(capacity_factor=, batch_prioritized=):
@@ -86,16 +87,17 @@ def _check(lifted, tolerance, against: ReferenceRewrite | None = None) -> str | 
     scale = x.float().std().clamp_min(1e-3).item()
     gen = torch.Generator().manual_seed(VALIDATION_SEEDS[1])
     noise = (torch.randn(x.shape, generator=gen) * scale).to(x.dtype).to(x.device)
-    runs = [(block.training, x, VALIDATION_SEEDS[0]), (block.training, noise, VALIDATION_SEEDS[1])]
-    runs += [(block.training, other, VALIDATION_SEEDS[0]) for other in _other_token_counts(x, rest, lifted.kwargs)]
-    runs.append((not block.training, x, VALIDATION_SEEDS[0]))
+    # (mode, input, seed, gradients too): outputs and buffers suffice to show a size or mode not modelled
+    runs = [(block.training, x, VALIDATION_SEEDS[0], True), (block.training, noise, VALIDATION_SEEDS[1], True)]
+    runs += [(block.training, other, VALIDATION_SEEDS[0], False) for other in _other_token_counts(x, rest, lifted.kwargs)]
+    runs.append((not block.training, x, VALIDATION_SEEDS[0], False))
     worst, where, rejudged = 0.0, None, 0
     modes = {m: m.training for m in module.modules()}
     try:
-        for training, probe, seed in runs:
+        for training, probe, seed, grads in runs:
             module.train(training)
             try:
-                err, label, n = compare(module, want, block.forward, probe, rest, lifted.kwargs, seed)
+                err, label, n = compare(module, want, block.forward, probe, rest, lifted.kwargs, seed, grads)
             except Exception as e:
                 if probe.shape != x.shape and _raises(want, probe, rest, lifted.kwargs):
                     continue  # the original refuses this shape too
