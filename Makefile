@@ -28,6 +28,7 @@ STABLE_MALLOC := MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=687194
 demo: $(VENV)/.installed
 	$(STABLE_MALLOC) $(BIN)/python examples/quickstart.py
 	$(BIN)/python examples/workflows.py
+	$(STABLE_MALLOC) $(BIN)/python benchmarks/small.py --quick
 	$(STABLE_MALLOC) $(BIN)/torchrun --nproc-per-node 2 examples/expert_parallel.py
 	$(STABLE_MALLOC) $(BIN)/torchrun --nproc-per-node 2 examples/checkpoint.py
 	$(STABLE_MALLOC) $(BIN)/torchrun --nproc-per-node 2 examples/adaptive_parallel.py

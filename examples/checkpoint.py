@@ -2,15 +2,19 @@
 
     torchrun --nproc-per-node 2 examples/checkpoint.py        # `make demo` runs it last
 
-1. Training with `PECCheckpointer(experts_per_ckpt=1)`: each checkpoint saves the non-expert state and 1 of the
-   8 experts per MoE layer (the first one saves all of them), the two ranks each writing half, in the
-   background; the table shows the bytes and how long each checkpoint held training up.
-2. A fault: both ranks throw their model and optimizer away, build new ones and `restore()`: non-expert state
-   from the newest checkpoint, each expert from the newest checkpoint holding it, the lost tokens (PLT)
-   counted, and training goes on from the step after that checkpoint with the same data as before: the
-   replayed steps' losses, next to the first time round, show what the experts' older versions cost.
+1. Training with `PECCheckpointer(experts_per_ckpt=1, experts_per_snapshot=4)`: each checkpoint copies the
+   non-expert state and 4 of the 8 experts per MoE layer into shared memory (/dev/shm, where a restarted
+   process finds them) and writes 1 of those 4 to storage (the first one saves all of them), the two ranks
+   each taking half, in the background; the table shows the bytes and how long each checkpoint held
+   training up.
+2. A fault: both ranks drop their model, optimizer and checkpointer as a killed process would (the snapshots
+   stay in shared memory), build new ones and `restore()`: non-expert state from the newest checkpoint in
+   storage, each expert from its newest version, in memory or in storage. The portion of lost tokens (PLT) of
+   what was restored is printed next to what storage alone would have lost, and training goes on from the
+   step after that checkpoint with the same data as before: the replayed steps' losses, next to the first
+   time round, show what the experts' older versions cost.
 The training data is the standard library's own source code, bytes as tokens.
-The real thing, a SIGKILLed rank under torchrun, is what tests/test_checkpoint_distributed.py does.
+A rank SIGKILLed under torchrun and relaunched is what tests/test_checkpoint_distributed.py does.
 """
 import shutil
 import statistics
@@ -30,6 +34,7 @@ from moecompile.runtime import PECCheckpointer
 
 CONFIG = dict(n_layer=4, d_model=128, d_ff=512, n_head=4, num_experts=8, top_k=2, max_seq=128)
 BATCH, SEQ, EVERY, FAULT_AFTER, STEPS = 8, 128, 8, 45, 60
+K_PERSIST, K_SNAPSHOT = 1, 4
 MB = 1e6
 
 
@@ -77,10 +82,14 @@ def main():
     directory = box[0]
     console.print(f"[bold]Partial Experts Checkpointing: GPT-MoE ({CONFIG['n_layer']} blocks, MoE every other, "
                   f"{CONFIG['num_experts']} experts), {world} data-parallel ranks, a checkpoint every {EVERY} "
-                  f"steps saving 1 expert per MoE layer, into {directory}[/]")
+                  f"steps: {K_SNAPSHOT} experts per MoE layer into memory, {K_PERSIST} of them into {directory}[/]")
     data = text()
     fast, opt = build(batch(data, 0, rank)[0])
-    ckpt = PECCheckpointer(fast, opt, directory, every=EVERY, experts_per_ckpt=1)
+
+    def checkpointer(fast, opt):
+        return PECCheckpointer(fast, opt, directory, every=EVERY, experts_per_ckpt=K_PERSIST,
+                               experts_per_snapshot=K_SNAPSHOT)
+    ckpt = checkpointer(fast, opt)
     step, times, losses = ckpt.restore(), [], {}  # losses: step → [first time, replayed]
     faulted = False
     while step < STEPS:
@@ -91,16 +100,21 @@ def main():
         if step == FAULT_AFTER and not faulted:
             faulted = True
             history = ckpt.history
-            ckpt.close()
-            console.print(f"\n[bold red]fault after step {step}[/]: model and optimizer thrown away on both ranks")
+            ckpt.close(keep_snapshots=True)  # what a killed process leaves: its snapshots in shared memory
+            console.print(f"\n[bold red]fault after step {step}[/]: model, optimizer and checkpointer thrown away "
+                          f"on both ranks; the snapshots stay in {ckpt.memory.dir.parent if ckpt.memory.dir else '-'}")
             fast, opt = build(batch(data, 0, rank)[0])
-            ckpt = PECCheckpointer(fast, opt, directory, every=EVERY, experts_per_ckpt=1)
+            ckpt = checkpointer(fast, opt)
             step = ckpt.restore()
             r = ckpt.last_restore
             older = {layer: sorted(experts.items()) for layer, experts in r.older_experts.items()}
-            console.print(f"restored {r.directory}: training resumes at step {step}; experts from older "
-                          f"checkpoints (expert: step of its version): {older}; portion of lost tokens "
-                          f"{r.plt:.2%}")
+            memory = {layer: sorted(experts) for layer, experts in r.from_memory.items()}
+            console.print(f"restored {r.directory}: training resumes at step {step}; experts from memory (newer than "
+                          f"storage's): {memory}; versions older than the checkpoint (expert: step): {older}")
+            console.print(f"[bold]portion of lost tokens: {r.plt:.2%} restored from memory and storage, "
+                          f"{r.plt_storage:.2%} had it read storage alone[/]"
+                          + (f"; Dynamic-K: K_persist {r.k_raised[0]} -> {r.k_raised[1]}, K_snapshot "
+                             f"{r.experts_per_snapshot}" if r.k_raised else ""))
             continue
         step += 1
     ckpt.close()
@@ -114,12 +128,14 @@ def main():
     step_s = statistics.median(times)
     table = Table(title=f"checkpoints of this run (rank {rank}'s view; a training step takes "
                         f"{step_s * 1e3:.0f} ms, median)")
-    for col in ("after step", "experts saved per layer", "MB per rank", "MB in all", "blocked ms", "% of a step"):
+    for col in ("after step", "experts persisted per layer", "memory MB per rank", "storage MB per rank",
+                "blocked ms", "% of a step"):
         table.add_column(col)
     for h in history:
         experts = "all 8" if all(len(v) == 8 for v in h.experts.values()) else str(list(h.experts.values()))
-        table.add_row(str(h.step), experts, " + ".join(f"{b / MB:.2f}" for b in h.bytes_per_rank),
-                      f"{sum(h.bytes_per_rank) / MB:.2f}", f"{h.blocked_s * 1e3:.1f}", f"{h.blocked_s / step_s:.1%}")
+        table.add_row(str(h.step), experts, " + ".join(f"{b / MB:.2f}" for b in h.snapshot_bytes_per_rank),
+                      " + ".join(f"{b / MB:.2f}" for b in h.bytes_per_rank), f"{h.blocked_s * 1e3:.1f}",
+                      f"{h.blocked_s / step_s:.1%}")
     console.print(table)
     full, partial = sum(history[0].bytes_per_rank), [sum(h.bytes_per_rank) for h in history[1:]]
     console.print(f"a PEC checkpoint is {statistics.median(partial) / full:.0%} of a full one; the busiest rank "

@@ -10,7 +10,7 @@
    (`shortcut="scmoe"`: a different architecture with the same FLOPs per token, whose all-to-all leaves
    before the preceding block's MLP), alternating in the same run. Here the ranks talk over loopback, where
    an all-to-all is cheap, so there is little to hide; benchmarks/ep_overlap.py puts them behind a
-   rate-limited link (the README has its table).
+   rate-limited link (docs/benchmarks.md has its table).
 4. The "auto" model under `torch.compile(backend="moecompile", fullgraph=True)`: the all-to-alls are
    functional collectives whose data-dependent split sizes stay in the graph, so the whole model is one
    graph (Inductor's code around moecompile's ops); its logits and gradients equal the uncompiled model's.

@@ -18,9 +18,9 @@ from moecompile.frontend.capture import autocast_ops, compile_run
 from moecompile.ir.spec import DropStats
 from moecompile.kernels import BACKENDS
 from moecompile.passes.registry import CompileContext, InstalledForward, Options, run_pipeline
-from moecompile.report import Report
+from moecompile.report import STATE, Report, compiled_reports
 
-_STATE = "_moecompile"
+_STATE = STATE
 log = logging.getLogger(__name__)
 # set while the torch.compile backend tries candidate blocks: it reports the outcome itself, so the warning of
 # a compile that rewrote nothing (every try on a router-only submodule) would be noise
@@ -46,46 +46,68 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
              batch_prioritized: bool = False) -> nn.Module:
     """Return an optimized model: same class, call signature, outputs, parameters and state_dict keys.
 
-    The returned module is a structural copy of `model` that shares its `Parameter` objects (so one
-    optimizer trains both, and `model` stays available as the eager reference). MoE blocks are found and
-    rewritten at the first call, with the inputs of that call, or now when `example_inputs` is given.
-    `kernels` picks the kernel backend of the MoE ops: "auto" (native on CPU, Triton on CUDA), or
-    "native", "triton" or "reference" for every op.
+    The returned module is a structural copy of `model` that shares its `Parameter` and buffer objects (so
+    one optimizer trains both, and `model` stays available as the eager reference). Its MoE blocks are
+    found, rewritten into the canonical ops and validated against the original at the first call, with
+    that call's inputs, or now when example inputs are given. A block that is not understood, or whose
+    rewrite fails validation, keeps its original code; `explain()` says why. `model` may itself be an
+    optimize() result: it is returned as it is, keeping the options it was optimized with (a warning names
+    those of this call that differ), and compiled now if it was not and example inputs are given. The
+    result pickles (`torch.save`) and deep-copies, before and after its first call.
 
-    Expert parallelism: with `mesh` (a `torch.distributed` DeviceMesh, e.g. dims ("dp", "ep")), every rank
-    keeps the experts its "ep" rank owns (E / ep each, or `placement` experts per rank) and tokens reach them
-    by all-to-all. The optimized copy then holds new, smaller Parameters for the sharded experts, so it is
-    compiled now, from `example_inputs`, and the optimizer must be built from the returned model's
-    parameters. `parallelism="adaptive"` (a 1-D mesh) lays the experts out as Tutel does instead, each rank
-    owning a unique slice, so the parallelism r (0: data parallel; 1: expert + data parallel; up to the ranks
-    per expert: + model parallel) can change at every step with nothing migrated (runtime/adaptive.py;
-    `set_parallelism`). `overlap` pipelines each MoE layer's exchanges with its expert computation: "off", a
-    pipelining degree (int), or "auto" (chosen per layer by the cost model). On a multi-node mesh
-    (`ranks_per_node` consecutive ep ranks per node) `all_to_all="2dh"` exchanges rows by the hierarchical
-    all-to-all (intra-node, then inter-node with larger messages), "linear" by the flat one, and "auto" lets
-    the cost model choose per layer (runtime/hierarchical.py).
+    Compilation:
+        model: the `nn.Module` to optimize: your own code or a Hugging Face model, dense or MoE.
+        example_inputs: a tuple of positional arguments to compile with now; None compiles at the first call.
+        example_kwargs: a dict of keyword arguments to compile with now (with or without example_inputs).
+        validate: run translation validation and undo every rewrite that fails it; False skips it.
+        tolerance: the largest relative error validation accepts, for outputs, gradients and buffers.
+        pipeline: the pass pipeline to run, by name (passes/registry.py).
 
-    `shortcut="scmoe"` changes the architecture (explain() says so): each MoE block that follows a dense
-    block routes top-1 on a shortcut from that block and adds a gated shared expert on its own input
-    (passes/shortcut.py). New parameters are added to the returned model: build the optimizer after.
-    `shortcut="dgmoe"` instead applies the block's experts top-1 twice, on the shortcut and on its own input.
-    On a dense model, `shortcut="scmoe", num_experts=E` upcycles every second block's FFN into a ScMoE block:
-    E experts copied from the previous block's FFN (plus `upcycle_noise` relative Gaussian noise), the
-    block's own FFN as the shared expert.
+    Kernels:
+        kernels: the kernel backend of the MoE ops: "auto" (native on CPU, Triton on CUDA), or "native",
+            "triton" or "reference" for every op.
 
-    `capacity_factor` x applies Tutel's capacity rule to every MoE block lifted from the model, over its own
-    routing (dropless, or its fixed capacity; what a dropped token contributes stays the block's): per
-    capacity group of G tokens (the block's own groups, else all of a call's tokens; a rank's under
-    expert parallelism), x > 0: C = ⌈k·x·G/E⌉; x = 0: the smallest C that drops nothing in the call;
-    x < 0: that, capped at ⌈k·|x|·G/E⌉ (ir/spec.py RoutingOverride). `batch_prioritized=True`: where a
-    capacity drops slots, the tokens with the largest router score keep theirs first (V-MoE). Validation
-    then proves the lift with the block's own routing and the options against the reference kernels
-    (passes/validate.py). `set_routing()` changes top-k and these options later, between calls.
+    Expert parallelism:
+        mesh: a `torch.distributed` DeviceMesh; every rank keeps the experts its "ep" rank owns (E / ep each)
+            and tokens reach them by all-to-all. The result then holds new, smaller expert Parameters: it is
+            compiled now (example inputs are required) and the optimizer must be built from its parameters.
+        placement: how many experts each ep rank owns, in rank order (default: E / ep each).
+        overlap: pipelining of each MoE layer's exchanges with its expert computation: "off", a degree (int
+            >= 1), or "auto" (chosen per layer by the cost model, then re-tuned from measured times).
+        parallelism: "ep", or "adaptive" (a 1-D mesh, no shortcut): Tutel's layout, each rank owning a unique
+            slice of the experts, so the parallelism r (0: data parallel; 1: expert + data parallel; up to the
+            ranks per expert: + model parallel) can change at every step (`set_parallelism`).
+        all_to_all: "linear" (flat), "2dh" (hierarchical: intra-node, then inter-node; needs ranks_per_node)
+            or "auto" (the cost model chooses per layer).
+        ranks_per_node: consecutive ep ranks per node, on a multi-node mesh.
 
-    `model` may itself be an optimize() result (compiled or not): it is returned as it is, keeping the options
-    it was optimized with (a warning names those of this call that differ), and compiled now if it was not
-    and example inputs are given; explain() notes it. The result pickles (`torch.save`) and deep-copies,
-    before and after its first call.
+    Shortcut:
+        shortcut: None, "scmoe" or "dgmoe": changes the architecture (explain() says so). "scmoe": each MoE
+            block that follows another block routes top-1 on a shortcut from it and adds a gated shared
+            expert on its own input; "dgmoe": the block's experts top-1 twice, on the shortcut and on its own
+            input. Adds parameters: needs example inputs, and build the optimizer after.
+        num_experts: with shortcut="scmoe" on a dense model: upcycle every second block's FFN into a ScMoE
+            block of this many experts, copied from the previous block's FFN.
+        upcycle_noise: relative Gaussian noise added to the upcycled experts' weights.
+
+    Routing:
+        capacity_factor: Tutel's capacity rule for every rewritten block, per capacity group of G tokens:
+            x > 0: C = ceil(k*x*G/E); 0: the smallest C that drops nothing in the call; x < 0: that, capped
+            at ceil(k*|x|*G/E). None keeps each block's own routing (dropless, or its fixed capacity).
+        batch_prioritized: where a capacity drops slots, the tokens with the largest router score keep theirs
+            first (V-MoE), instead of first come, first served.
+
+    Returns:
+        The optimized model: a new module of the same class whose blocks are rewritten (or will be, at its
+        first call).
+
+    Raises:
+        TypeError: `model` is not an `nn.Module`.
+        ValueError: an option value is out of range or options conflict (the message names them); `mesh` or
+            `shortcut` without example inputs; `model` already sharded with `fully_shard` (optimize first,
+            then shard); `kernels="triton"` on a device Triton cannot run on.
+        RuntimeError: the model itself raised when run on the compile inputs (the example inputs or the first
+            call's; moecompile.passes.find_moe.ModelRaised, the model's error as its __cause__).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moecompile.optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -224,11 +246,22 @@ def _optimize_again(model: nn.Module, options: Options, example_inputs, example_
 
 
 def explain(model: nn.Module) -> Report:
-    """What moecompile found and did in `model`: an `optimize()` result, or a `torch.compile(...,
-    backend="moecompile")` one (every graph compiled so far)."""
+    """What moecompile found and did in `model`.
+
+    Args:
+        model: an `optimize()` result (compiled or not), or a `torch.compile(..., backend="moecompile")` one
+            (every graph compiled so far).
+
+    Returns:
+        A `Report`: one `MoELayer` per MoE block found, with whether it was rewritten and why not, plus
+        model-wide notes and the passes that ran. Printed, it is a table. Before a lazy model's first call
+        it holds only a note saying so.
+
+    Raises:
+        ValueError: `model` comes from neither `optimize()` nor the moecompile `torch.compile` backend.
+    """
     if _torch_compiled(model):
-        from moecompile.backend import reports_for
-        compiled = reports_for(model._orig_mod)
+        compiled = compiled_reports(model._orig_mod)
         if getattr(model._orig_mod, _STATE, False) is False:
             return compiled
         inner = explain(model._orig_mod)  # an optimize() result, compiled: its blocks, and the compiled graphs
@@ -251,16 +284,28 @@ _KEEP = object()  # set_routing: leave this setting as it is
 def set_routing(model: nn.Module, *, top_k: int | None = None, capacity_factor=_KEEP, batch_prioritized=_KEEP
                 ) -> None:
     """Change the routing of every MoE block of an optimize() result, from its next call on, without
-    recompiling (each call reads the block's spec). Settings not passed stay as they are.
+    recompiling (each call reads the block's spec). Settings not passed stay as they are. Nothing is
+    validated again: the lift was proven at compile time, and the ops are tested for any k, capacity and
+    slot order against the reference kernels.
 
-    `top_k`: experts per token, 1 ≤ k ≤ E (with a group limit, at most the experts of the kept groups).
-    Route, dispatch, capacity, combine and the renormalization follow k (the routing weights become
-    [T, k]); the scoring, renormalization and scale stay as read at compile time, so a model that changes
-    more than k with k (one that renormalizes only when k > 1, as Tutel's gate and GPT-MoE here do) differs
-    where it does, and losses computed outside the blocks from the model's config (Hugging Face's auxiliary
-    loss) keep the config's k. `capacity_factor` and `batch_prioritized`: as optimize()'s; capacity_factor
-    None restores each block's own capacity. Nothing is validated again: the lift was proven at compile
-    time, and the ops are tested for any k, capacity and slot order against the reference kernels."""
+    Args:
+        model: a compiled `optimize()` result (after its first call, or optimized with example inputs) whose
+            MoE blocks were all rewritten.
+        top_k: experts per token, 1 <= k <= E (with a group limit, at most the experts of the kept groups).
+            Route, dispatch, capacity, combine and the renormalization follow k; the scoring,
+            renormalization rule and scale stay as read at compile time, so a model that renormalizes only
+            when k > 1 (Tutel's gate, GPT-MoE here) differs there, and losses computed outside the blocks
+            from the model's config (Hugging Face's auxiliary loss) keep the config's k.
+        capacity_factor: as optimize()'s; None restores each block's own capacity.
+        batch_prioritized: as optimize()'s.
+
+    Returns:
+        None; the model is changed in place.
+
+    Raises:
+        ValueError: `model` is a torch.compile wrapper, not compiled yet, or has a block that was not
+            rewritten; `top_k` is out of range (or not 1 for a DGMoE block); an option value is invalid.
+    """
     if _torch_compiled(model):
         raise ValueError("set_routing() takes the optimize() result; torch.compile it after changing the routing")
     ctx = getattr(model, _STATE, False)
@@ -275,7 +320,7 @@ def set_routing(model: nn.Module, *, top_k: int | None = None, capacity_factor=_
         _check_routing("set_routing", None, batch_prioritized)
         changes["batch_prioritized"] = batch_prioritized
     layers = ctx.report.moe_layers
-    left = [layer.name or "(the model)" for layer in layers if not layer.rewritten]
+    left = [layer.name or "(the whole model)" for layer in layers if not layer.rewritten]
     if left:
         raise ValueError(f"set_routing(): MoE block(s) {', '.join(left)} were not rewritten (explain() says why), "
                          "so their routing cannot be changed")
@@ -306,10 +351,24 @@ def _check_routing(where: str, capacity_factor, batch_prioritized) -> None:
 
 def set_parallelism(model: nn.Module, r: int | None, degree: int | None = None, algorithm: str | None = None
                     ) -> None:
-    """Fix the parallelism `r` (and the pipelining degree, the all-to-all algorithm: "linear", or "2dh" on a
-    multi-node mesh) of every block of an `optimize(parallelism="adaptive")` model from its next call on, on
-    every rank alike (the exchanges are collectives); r=None hands them back to each block's adaptive table.
-    Nothing moves: every r runs on the same layout."""
+    """Fix the parallelism of every block of an `optimize(parallelism="adaptive")` model from its next
+    call on. Call it on every rank alike (the exchanges are collectives). Nothing moves: every r runs on the
+    same layout.
+
+    Args:
+        model: an `optimize(..., mesh=mesh, parallelism="adaptive")` result.
+        r: 0 (data parallel), 1 (expert + data parallel), up to the ranks per expert (+ model parallel); None
+            hands r, the degree and the algorithm back to each block's adaptive table.
+        degree: the pipelining degree (>= 1); None: the one in effect.
+        algorithm: the all-to-all algorithm: "linear", or "2dh" on a multi-node mesh (`ranks_per_node=`).
+
+    Returns:
+        None; the model is changed in place.
+
+    Raises:
+        ValueError: `model` was not optimized with parallelism="adaptive"; `r` is not a parallelism of the
+            layout; `degree` or `algorithm` is invalid.
+    """
     from moecompile.runtime.adaptive import AdaptiveExperts
     blocks = [m.spec.parallel for m in explain(model).moe_layers
               if m.spec is not None and isinstance(m.spec.parallel, AdaptiveExperts)]
@@ -335,7 +394,7 @@ def _compile(model: nn.Module, args: tuple, kwargs: dict, options: Options) -> N
             layer.spec.drops = DropStats()
     setattr(model, _STATE, ctx)
     if not _TRYING.get() and not any(layer.rewritten for layer in ctx.report.moe_layers):
-        why = [f"{layer.name or 'the model'}: {layer.reason}" for layer in ctx.report.moe_layers] + ctx.report.notes
+        why = [f"{layer.name or 'the whole model'}: {layer.reason}" for layer in ctx.report.moe_layers] + ctx.report.notes
         log.warning("moecompile: no block of this %s was rewritten; it runs as the original model%s",
                     type(model).__name__, f" ({'; '.join(why)})" if why else "")
 

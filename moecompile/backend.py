@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import weakref
 from collections import Counter
 
 import torch
@@ -59,7 +58,7 @@ from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 from moecompile.frontend import dynamo
 from moecompile.kernels import BACKENDS
 from moecompile.passes.inductor_kernels import InductorKernels, Outcome, op_name
-from moecompile.report import MoELayer, Report
+from moecompile.report import MoELayer, Report, file_compiled
 
 log = logging.getLogger("moecompile.backend")
 torch._dynamo.config.capture_scalar_outputs = True
@@ -71,9 +70,6 @@ REFUSED = ("shortcut", "mesh", "placement", "overlap", "parallelism", "all_to_al
 COMPILERS = ("inductor", "eager")
 MAX_LEVELS = 3
 ROOT = "(the compiled module)"
-# reports of compiled graphs by the model parameters they read, id(p) → (weakref to p, reports):
-# explain(torch.compile(m, ...)) finds them (tensors compare by value, so no WeakKeyDictionary)
-_REPORTS: dict[int, tuple[weakref.ref, list[Report]]] = {}
 
 
 def moecompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
@@ -98,7 +94,7 @@ def moecompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
     compiled = (_eager if compiler == "eager" else _inductor)(gm, example_inputs, report, selection)
     # registered once compiled: a compilation that raises (Dynamo restarts the frame when AOTAutograd
     # specializes a float under dynamic=True, and calls the backend again) left no graph to explain
-    _register(report, example_inputs)
+    file_compiled(report, example_inputs)
     return compiled
 
 
@@ -140,14 +136,6 @@ def _inductor(gm: fx.GraphModule, example_inputs, report: Report, selection: Ind
     return compiled
 
 
-def _register(report: Report, example_inputs) -> None:
-    """File the graph's report under the model parameters it reads, for explain(torch.compile(m, ...))."""
-    for value in example_inputs:
-        if isinstance(value, torch.nn.Parameter):
-            ref, reports = _REPORTS.get(id(value), (None, []))
-            if ref is None or ref() is not value:
-                _REPORTS[id(value)] = ref, reports = weakref.ref(value), []
-            reports.append(report)
 
 
 def lift_blocks(gm: fx.GraphModule, example_inputs, options: dict) -> Report:
@@ -252,17 +240,3 @@ def _record_selection(report: Report, graph: fx.Graph, outcomes: list[Outcome], 
     report.notes += [f"{which} graph: {o}" for o in outcomes if o.nodes or o.error]
 
 
-def reports_for(model: torch.nn.Module) -> Report:
-    """One Report from every graph compiled with this backend that reads `model`'s parameters."""
-    seen, out = set(), Report()
-    for p in model.parameters():
-        ref, reports = _REPORTS.get(id(p), (None, []))
-        for r in reports if ref is not None and ref() is p else ():
-            if id(r) not in seen:
-                seen.add(id(r))
-                out.moe_layers += r.moe_layers
-                out.notes += r.notes
-                out.passes = r.passes
-    if not seen:
-        out.notes.append("no graph of this model has been compiled with backend='moecompile' yet")
-    return out

@@ -143,6 +143,15 @@ def _model_runs(args):
                          ) from None
 
 
+def _runs_on_its_inputs(target) -> None:
+    import torch
+    try:
+        with torch.no_grad():
+            target.model(*target.example_inputs)
+    except Exception as e:
+        raise ModelRaised(str(e)) from e  # _model_runs words it
+
+
 def _overlap(text: str) -> str | int:
     if text in ("off", "auto") or (text.isdigit() and int(text) >= 1):
         return text if text in ("off", "auto") else int(text)
@@ -197,6 +206,9 @@ def viz(args) -> int:
                          f"--ranks trains a model: {args.target} is a saved graph")
     target, measured = _load(args), None
     if args.ranks:  # first: a failing rank is reported before the passes' snapshots are taken
+        if args.example_input:  # a mistake in the inputs: one line here, not a traceback from every rank
+            with _model_runs(args):
+                _runs_on_its_inputs(target)
         try:
             overlap = "off" if args.overlap is None else args.overlap
             with _step(f"training {args.target} on {args.ranks} ranks"):

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import io
+import weakref
 from dataclasses import dataclass, field
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -12,6 +14,19 @@ from moecompile.ir.spec import MoESpec
 
 @dataclass
 class MoELayer:
+    """One MoE block that moecompile found, as `explain()` reports it.
+
+    Attributes:
+        name: the block's qualified module name in the model ("" for the model itself).
+        num_experts: E, when the routing was read (else None).
+        top_k: experts per token (after `set_routing(top_k=...)`, the new k).
+        scoring: "softmax" or "sigmoid", when the routing was read.
+        rewritten: whether the block now runs the canonical ops (False: it runs its own code).
+        reason: why it was not rewritten, or None.
+        spec: the `MoESpec` read from the block (moecompile/ir/spec.py), or None when analysis failed.
+        details: (property) what was read and chosen, in words: activation, renormalization, scale, groups,
+            score bias, capacity and drops, shared expert, expert-parallel placement and schedule, kernels.
+    """
     name: str                    # qualified module name in the original model
     num_experts: int | None
     top_k: int | None
@@ -22,6 +37,7 @@ class MoELayer:
 
     @property
     def details(self) -> str:
+        """What was read and chosen for the block, in words ("" without a spec)."""
         s = self.spec
         if s is None:
             return ""
@@ -41,6 +57,11 @@ class MoELayer:
             parts.append("batch-prioritized (no effect: dropless)")
         if s.shared:
             parts.append("shared expert" + (" (gated)" if s.shared_gate else ""))
+        if s.decode_slots >= s.route.top_k:  # ir/lowering.takes_decode_path
+            parts.append(f"calls of ≤ {s.decode_slots // s.route.top_k} tokens: decode path (gather + bmm)")
+        if s.expert.dtype is not None:
+            parts.append(f"experts in {str(s.expert.dtype).removeprefix('torch.')}")
+        parts += [u.describe() for u in s.buffer_updates]
         if s.parallel is not None:
             parts.append(_parallel_details(s.parallel))
         backends = set(s.kernels.values())
@@ -51,6 +72,14 @@ class MoELayer:
 
 @dataclass
 class Report:
+    """What `explain()` returns. `print(report)` (or `str(report)`) gives a table with one row per block;
+    rich renders it directly.
+
+    Attributes:
+        moe_layers: one `MoELayer` per MoE block found, in the model's order.
+        notes: model-wide notes: blocks not found or not MoE routing, architecture changes, compiled graphs.
+        passes: the names of the passes that ran, in order.
+    """
     moe_layers: list[MoELayer] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
@@ -62,7 +91,7 @@ class Report:
         for col in ("block", "experts", "top-k", "scoring", "rewritten", "details / reason"):
             t.add_column(col, overflow="fold")
         for m in self.moe_layers:
-            t.add_row(m.name, _s(m.num_experts), _s(m.top_k), _s(m.scoring),
+            t.add_row(m.name or "(the whole model)", _s(m.num_experts), _s(m.top_k), _s(m.scoring),
                       "[green]yes[/]" if m.rewritten else "[red]no[/]", m.reason or m.details)
         return t
 
@@ -96,9 +125,7 @@ def _capacity_details(s: MoESpec) -> str:
 
 def _parallel_details(p) -> str:
     """Placement, the chosen schedule with its predictions, and what the runtime measured so far."""
-    from moecompile.runtime.adaptive import AdaptiveExperts  # report is imported by the passes it describes
-    text = p.summary() if isinstance(p, AdaptiveExperts) else \
-        f"expert parallel over {p.size} ranks (experts per rank {list(p.placement.sizes)})"
+    text = p.summary()  # runtime.expert_parallel.ExpertParallel or runtime.adaptive.AdaptiveExperts
     if p.schedule is not None:
         text += "; " + p.schedule.summary()
     if p.tuner is not None:
@@ -112,3 +139,47 @@ def _parallel_details(p) -> str:
 
 def _s(v) -> str:
     return "-" if v is None else str(v)
+
+
+# ---- where reports live ------------------------------------------------------------------------------------
+# Kept here, below the passes, the runtime and the entry points that file and read them.
+STATE = "_moecompile"  # an optimize() result's attribute: its CompileContext (None until compiled)
+# reports of graphs compiled by the torch.compile backend, by the model parameters they read,
+# id(p) → (weakref to p, reports): tensors compare by value, so no WeakKeyDictionary
+_COMPILED: dict[int, tuple[weakref.ref, list[Report]]] = {}
+
+
+def file_compiled(report: Report, example_inputs) -> None:
+    """File a compiled graph's report under the model parameters it reads, for explain(torch.compile(m, ...))."""
+    for value in example_inputs:
+        if isinstance(value, torch.nn.Parameter):
+            ref, reports = _COMPILED.get(id(value), (None, []))
+            if ref is None or ref() is not value:
+                _COMPILED[id(value)] = ref, reports = weakref.ref(value), []
+            reports.append(report)
+
+
+def compiled_reports(model: torch.nn.Module) -> Report:
+    """One Report from every graph compiled with the backend that reads `model`'s parameters."""
+    seen, out = set(), Report()
+    for p in model.parameters():
+        ref, reports = _COMPILED.get(id(p), (None, []))
+        for r in reports if ref is not None and ref() is p else ():
+            if id(r) not in seen:
+                seen.add(id(r))
+                out.moe_layers += r.moe_layers
+                out.notes += r.notes
+                out.passes = r.passes
+    if not seen:
+        out.notes.append("no graph of this model has been compiled with backend='moecompile' yet")
+    return out
+
+
+def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
+    """The MoE blocks optimize() found in `model` (also under a torch.compile wrapper); [] before a lazy
+    model's first call. Raises ValueError for a model optimize() did not return."""
+    model = getattr(model, "_orig_mod", model)
+    ctx = getattr(model, STATE, False)
+    if ctx is False:
+        raise ValueError(f"{type(model).__name__} was not returned by moecompile.optimize()")
+    return ctx.report.moe_layers if ctx is not None else []

@@ -47,9 +47,9 @@ def _state(ckpt):
     return {e.key: e.get().detach().clone() for e in ckpt.state.entries()}
 
 
-def _run(directory, steps, every=2, start=0, build=_gpt, snaps=None, **kw):
-    """Train steps [start, steps) with a checkpointer; returns it (closed). `snaps[step]` gets the state at each
-    checkpoint."""
+def _run(directory, steps, every=2, start=0, build=_gpt, snaps=None, keep_snapshots=False, **kw):
+    """Train steps [start, steps) with a checkpointer; returns it (closed, its memory snapshots removed unless
+    `keep_snapshots`). `snaps[step]` gets the state at each checkpoint."""
     fast, opt = build()
     ckpt = PECCheckpointer(fast, opt, directory, every=every, **kw)
     assert ckpt.restore() == start
@@ -57,7 +57,7 @@ def _run(directory, steps, every=2, start=0, build=_gpt, snaps=None, **kw):
         _train_step(fast, opt, step)
         if ckpt.step(step) and snaps is not None:
             snaps[step] = _state(ckpt)
-    ckpt.close()
+    ckpt.close(keep_snapshots=keep_snapshots)
     return ckpt
 
 

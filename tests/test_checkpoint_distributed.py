@@ -1,11 +1,16 @@
 """PECCheckpointer over several gloo processes: each byte written once and the writing balanced, restores after
-a change of world size (data and expert parallel), and fault injection: a rank SIGKILLed mid-training and
-mid-write under `torchrun --max-restarts`, the job resuming from the last complete checkpoint, bit-equal.
+a change of world size (data and expert parallel), and fault injection under torchrun (relaunched with the same
+run id, as `--max-restarts` does): a rank SIGKILLed mid-training, mid-persist and mid-snapshot-copy, with its
+node's memory kept or lost, and twice in a row (Dynamic-K); the job resumes from the newest complete versions,
+bit-equal, with fewer lost tokens when memory survived.
 """
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,7 +23,7 @@ import moecompile
 from moecompile.models import gpt_moe
 from moecompile.runtime.checkpoint import PECCheckpointer
 from moecompile.runtime.expert_parallel import reduce_gradients
-from moecompile.runtime.spawn import run_ranks
+from moecompile.runtime.spawn import free_port, run_ranks
 from tests.pec_worker import batch, state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,30 +106,35 @@ def test_expert_parallel_checkpoint_restores_in_one_process(tmp_path):
     assert set(results[0]["state"]) != set(results[1]["state"]), "each rank held half the experts"
 
 
-def _torchrun(tmp_path, fault, steps=10, every=3, k=1):
-    """The job with `fault`, then launched again without, as `torchrun --max-restarts` would; → (checkpoint
-    directory, the workers' records, the second launch's log)."""
-    directory, out = tmp_path / "ckpt", tmp_path / "out"
+def torchrun(tmp_path, faults, steps=10, every=3, k=1, k_snapshot=None, between=None):
+    """The job once per entry of `faults` (each attempt's fault, "none" for the last), each launch after a fault
+    as `torchrun --max-restarts` would: the same run id, so the snapshots in memory are the job's.
+    `between(attempt)` runs after each faulted attempt (a test deleting memory there). → (checkpoint
+    directory, the workers' records, the snapshot root, the last launch's log)."""
+    directory, out, shm = tmp_path / "ckpt", tmp_path / "out", tmp_path / "shm"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    logs = []
-    for attempt, this_fault in enumerate([fault, "none"]):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    job = f"pec-test-{uuid.uuid4().hex[:8]}"
+    log = ""
+    for attempt, fault in enumerate(faults):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", job,
                str(ROOT / "tests" / "pec_worker.py"), str(directory), str(out), str(attempt), str(steps),
-               str(every), str(k), this_fault]
+               str(every), str(k), fault, str(k_snapshot or k), str(shm)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
-            log = proc.communicate(timeout=180)[0]
+            log = proc.communicate(timeout=240)[0]
         finally:
             if proc.poll() is None:  # torchrun and its workers, all of them
                 os.killpg(proc.pid, signal.SIGKILL)
-        assert (proc.returncode != 0) == (this_fault != "none"), log[-3000:]
-        logs.append(log)
-    return directory, out, logs[1]
+        assert (proc.returncode != 0) == (fault != "none"), log[-3000:]
+        if fault != "none" and between is not None:
+            between(attempt)
+    return directory, out, shm, log
 
 
-def _restores(out):
+def restores(out):
     """The restores of the attempts that got past restore(), by attempt: {attempt: [rank 0's, rank 1's]}."""
     found = {}
     for path in out.glob("restored-a*-r*.pt"):
@@ -133,38 +143,77 @@ def _restores(out):
     return {a: [ranks[0], ranks[1]] for a, ranks in sorted(found.items()) if len(ranks) == 2}
 
 
-def _check_resumed_exactly(out, resumed_at):
-    """The first restore after the fault resumed at `resumed_at`, with every tensor bit-equal to the state saved
-    then: non-expert state from that checkpoint, each expert from the checkpoint holding its newest version."""
-    restores = _restores(out)
-    assert restores[0][0]["start"] == 0 and len(restores) == 2
-    after = restores[1]
+def check_restored(out, attempt, resumed_at):
+    """The restore of `attempt` resumed at `resumed_at`, every tensor bit-equal to the version its report says it
+    restored: non-expert state from the checkpoint, each expert from the step of its version (in storage or in
+    memory), as saved by the newest attempt that saved that step. → the two ranks' reports."""
+    after = restores(out)[attempt]
     for rank, restored in enumerate(after):
         assert restored["start"] == resumed_at
-        newest = torch.load(out / f"saved-a0-s{resumed_at - 1}-r{rank}.pt")
+        report = restored["report"]
+        assert report["step"] == resumed_at - 1
         older = 0
         for key, value in restored["state"].items():
+            step = resumed_at - 1
             layer = next((l for l in restored["holders"] if key.startswith(f"model/{l}.experts.")
                           or key.startswith(f"optim/{l}.experts.")), None)
-            step = resumed_at - 1
             if layer is not None:
                 expert = int(key.split(f"{layer}.experts.")[1].split(".")[0])
-                step = int(restored["holders"][layer][expert].split("-")[1])
+                step = report["older_experts"].get(layer, {}).get(expert, step)
             older += step != resumed_at - 1
-            want = newest if step == resumed_at - 1 else torch.load(out / f"saved-a0-s{step}-r{rank}.pt")
-            assert torch.equal(value, want[key]), (rank, key, step)
+            saved = max(out.glob(f"saved-a*-s{step}-r{rank}.pt"), key=lambda p: int(p.stem.split("-")[1][1:]))
+            assert torch.equal(value, torch.load(saved)[key]), (rank, key, step, saved.name)
         assert older > 0, "PEC with K=1: experts come from several checkpoints"
+    assert after[0]["report"] == after[1]["report"], "every rank restored the same plan"
+    return [r["report"] for r in after]
 
 
-def test_sigkill_mid_training_resumes_from_last_checkpoint(tmp_path):
-    directory, out, _ = _torchrun(tmp_path, "train:6")  # checkpoints after steps 2 and 5, killed after 6
-    _check_resumed_exactly(out, resumed_at=6)
-    assert (directory / "step-00000008").exists(), "training went on to the end and checkpointed"
+def _memory_experts(report):
+    return sum(len(v) for v in report["from_memory"].values())
 
 
-def test_sigkill_mid_write_keeps_the_previous_checkpoint(tmp_path):
-    directory, out, log = _torchrun(tmp_path, "write:8")  # checkpoints after 2 and 5; 8's write is torn
-    _check_resumed_exactly(out, resumed_at=6)
+def test_sigkill_mid_persist_keeps_the_previous_version(tmp_path):
+    """Killed while writing the checkpoint of step 8 to storage: its snapshot is complete in memory but was never
+    persisted, so the job resumes from the checkpoint of step 5, with that checkpoint's snapshots: the ranks'
+    memory was kept, so experts newer there than in storage come from memory, with fewer tokens lost than
+    storage alone (a fault mid-training restores the same way: test_memory_lost_and_a_second_fault_double_k)."""
+    directory, out, shm, log = torchrun(tmp_path, ["write:8", "none"], k=1, k_snapshot=4)
+    report = check_restored(out, 1, resumed_at=6)[0]
+    assert _memory_experts(report) > 0 and 0 < report["plt"] < report["plt_storage"], report
+    assert not list(shm.rglob("slot*")), "the clean end removed the snapshots"
     assert (directory / "step-00000008").exists(), "the second launch wrote it again, whole"
     assert "did not finish" in log, "the half-written checkpoint was reported"
     assert not list(directory.glob(".tmp-*"))
+
+
+def test_sigkill_mid_snapshot_copy_uses_an_older_complete_version(tmp_path):
+    """Killed halfway through copying the snapshot of step 8: that snapshot has no commit marker on rank 1 and no
+    checkpoint in storage: the job resumes from step 5's checkpoint and snapshots, nothing torn read."""
+    directory, out, _, _ = torchrun(tmp_path, ["copy:8", "none"], k=1, k_snapshot=4)
+    report = check_restored(out, 1, resumed_at=6)[0]
+    assert _memory_experts(report) > 0
+    assert not (restores(out)[1][0]["state"].keys() ^ restores(out)[1][1]["state"].keys())
+
+
+def test_memory_lost_and_a_second_fault_double_k(tmp_path):
+    """Fault 1 after step 6, rank 1's node memory lost: rank 1's share of the snapshots comes from storage, rank
+    0's from its memory; Dynamic-K doubles K (1 -> 2) and the next checkpoints persist 2 experts per layer.
+    Fault 2 after step 12, every node's memory lost: storage only, from K=2 (persisted; the job still asks
+    for 1), doubled again."""
+    def lose_memory(attempt):
+        for rank_dir in shm.rglob("rank*"):
+            if attempt == 1 or rank_dir.name == "rank1":
+                shutil.rmtree(rank_dir)
+    shm = tmp_path / "shm"
+    directory, out, _, _ = torchrun(tmp_path, ["train:6", "train:12", "none"], steps=15, k=1, k_snapshot=4,
+                                    between=lose_memory)
+    first = check_restored(out, 1, resumed_at=6)[0]
+    assert {w for v in first["from_memory"].values() for w in v.values()} == {0}, "rank 1 lost its memory"
+    assert first["plt"] <= first["plt_storage"] and first["k_raised"] == (1, 2)
+    second = check_restored(out, 2, resumed_at=12)[0]
+    assert second["from_memory"] == {} and second["plt"] == second["plt_storage"]
+    manifest = json.loads((directory / "step-00000011" / "pec.json").read_text())
+    assert manifest["experts_per_ckpt"] == 2 and all(len(v) == 2 for v in manifest["saved"].values())
+    assert second["k_raised"] == (2, 4) and restores(out)[2][0]["k"] == (4, 8)
+    newest = json.loads((directory / "step-00000014" / "pec.json").read_text())
+    assert newest["experts_per_ckpt"] == 4 and newest["dynamic_k"]["persist"] == 4

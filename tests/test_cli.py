@@ -151,6 +151,8 @@ def test_a_stage_that_fails_to_export_shows_the_error(tiny_captured, chromium, t
      "test_cli:tiny_gpt_moe raised RuntimeError on --example-input 2x16: Expected tensor for argument #1 'indices'"),
     (["viz", "test_cli:tiny_gpt_moe", "--example-input", "2x16x32", "-o", "x.html"],
      "test_cli:tiny_gpt_moe raised RuntimeError on --example-input 2x16x32"),
+    (["viz", "test_cli:tiny_gpt_moe", "--example-input", "2x16", "--ranks", "2", "-o", "x.html"],  # before spawning
+     "test_cli:tiny_gpt_moe raised RuntimeError on --example-input 2x16"),
 ])
 def test_user_mistakes_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

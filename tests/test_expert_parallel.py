@@ -275,7 +275,7 @@ def test_more_families_match_one_process():
 
 
 def _ddp_case(rank, ws, mesh_shape):
-    """docs/expert_parallel.md's DDP recipe: DDP over every rank with the expert parameters ignored, the
+    """docs/design/expert_parallel.md's DDP recipe: DDP over every rank with the expert parameters ignored, the
     expert gradients reduced over "dp" by hand; every gradient must equal one process on the global batch."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -199,3 +199,21 @@ def test_hugging_face_top2_models_convert(family):
     assert (added == 0) == (family == "qwen2_moe")
     fast(*args, **kwargs).loss.backward()
     assert fast.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0       # the router trains
+
+
+@pytest.mark.parametrize("shortcut", ["scmoe", "dgmoe"])
+def test_shortcut_model_round_trips_through_torch_save(shortcut):
+    """The taps that feed the routed branch are hooks of the model: they travel with it and still feed it."""
+    import io
+    torch.manual_seed(0)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    fast = moecompile.optimize(gpt_moe(**SMALL), (idx, idx), shortcut=shortcut)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    other = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        (got, _), (want, _) = loaded(other, other), fast(other, other)
+    assert max_relative_error(got, want, want) < 1e-6
+    assert sum(layer.rewritten for layer in moecompile.explain(loaded).moe_layers) == 2

@@ -134,6 +134,59 @@ class SortedBank(nn.Module):
         return torch.zeros_like(x).index_add_(0, order // self.k, y).view(B, S, D)
 
 
+class TieredBank(nn.Module):
+    """Group-limited ("node-limited") routing written as a mask, after DeepSeek-V3: the e workers form
+    `tiers` equal tiers; a tier scores by its best worker ("max" by amax, "best" by max) or the sum of its two
+    best ("pair", by sorting); only the `keep` best tiers stay eligible: the others are masked out (`fill`
+    -inf or 0 by masked_fill, "where": -inf by torch.where, "mul": multiplied by a 0/1 mask) before the top-k.
+    Weights are the unbiased scores of the chosen workers, renormalised when `scoring` is sigmoid (V3), times
+    `boost`. `drift` is a score offset used for choosing only (V3's balancing bias). Stacked SwiGLU workers
+    [E, D, F] run per slot by gathering."""
+
+    def __init__(self, d=32, f=48, e=8, k=2, tiers=4, keep=2, tier_score="pair", fill="-inf",
+                 scoring="sigmoid", boost=2.5, drift=0.0):
+        super().__init__()
+        self.k, self.tiers, self.keep, self.tier_score, self.fill = k, tiers, keep, tier_score, fill
+        self.scoring, self.boost = scoring, boost
+        self.lens = nn.Linear(d, e, bias=False)
+        # a trained balancing offset can be well below zero: then masking with 0 and with -inf differ
+        self.register_buffer("drift", torch.randn(e) * drift - drift if drift else None)
+        self.wa = nn.Parameter(torch.randn(e, d, f) * d**-0.5)               # [E, D, F]
+        self.wb = nn.Parameter(torch.randn(e, d, f) * d**-0.5)               # [E, D, F]
+        self.wc = nn.Parameter(torch.randn(e, f, d) * f**-0.5)               # [E, F, D]
+
+    def forward(self, x):
+        # routing on the [B, S, ...] layout itself (no flattening): the tiers are a 4-D view
+        logits = self.lens(x)                                                 # [B, S, E]
+        s = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
+        biased = s if self.drift is None else s + self.drift                  # [B, S, E]
+        per_tier = biased.unflatten(-1, (self.tiers, -1))                     # [B, S, G, E/G]
+        if self.tier_score == "pair":   # the sum of each tier's two best, by sorting
+            tier = per_tier.sort(-1, descending=True).values[..., :2].sum(-1)  # [B, S, G]
+        elif self.tier_score == "max":
+            tier = per_tier.amax(-1)                                          # [B, S, G]
+        else:   # "best": the same by max's values
+            tier = per_tier.max(-1).values                                    # [B, S, G]
+        best = tier.topk(self.keep, dim=-1).indices                           # [B, S, keep]
+        allowed = torch.zeros_like(tier).scatter(-1, best, 1.0)               # [B, S, G]
+        allowed = allowed.repeat_interleave(biased.shape[-1] // self.tiers, dim=-1)   # [B, S, E]
+        if self.fill == "mul":
+            masked = biased * allowed
+        elif self.fill == "where":
+            masked = torch.where(allowed.bool(), biased, float("-inf"))
+        else:
+            masked = biased.masked_fill(allowed == 0, float(self.fill))
+        idx = masked.topk(self.k, dim=-1).indices                             # [B, S, K]
+        w = s.gather(-1, idx)                                                 # [B, S, K]
+        if self.scoring == "sigmoid":
+            w = w / w.sum(-1, keepdim=True)
+        w = w * self.boost
+        up = torch.einsum("bsd,bskdf->bskf", x, self.wa[idx])                  # [B, S, K, F]
+        h = F.silu(up) * torch.einsum("bsd,bskdf->bskf", x, self.wb[idx])
+        y = torch.einsum("bskf,bskfd->bskd", h, self.wc[idx])                 # [B, S, K, D]
+        return (y * w.unsqueeze(-1)).sum(-2)
+
+
 class NotMoE(nn.Module):
     """Negative case: top-k used to sparsify causal attention (each query keeps its k best keys), then a
     dense MLP. e is the head count; nothing is routed."""

@@ -10,6 +10,9 @@ What makes a block an MoE is its dataflow:
                     params are the experts'.
     dense matmuls:  those that do not (router, shared expert, shared-expert gate).
 
+Group-limited routing is read by frontend/groups.py; a block that dispatches by products of a one-hot capacity
+mask with the tokens (GShard, Switch's mask formulation, ST-MoE) by frontend/dispatch_mask.py (`_mask_spec`).
+
 Anything the reading cannot place raises `Unsupported` with a reason that `explain()` shows. The spec is
 then *validated numerically* against the original block before it is used (passes/lift_moe.py), so a
 misreading can cost a rewrite but never a wrong result.
@@ -23,9 +26,12 @@ import torch
 from torch import fx
 
 from moecompile._lazy import nx
-from moecompile.frontend.capture import SELECTIONS, Recording
+from moecompile.frontend.capture import SELECTIONS, Recording, record
+from moecompile.frontend.dispatch_mask import (capacity_rule, is_first_choice_count, mask_products, read_aux,
+                                               read_mask_dispatch, recorded_capacities, refuse_random_in_training)
 from moecompile.frontend.experts import read_experts
 from moecompile.frontend.graph import MATMULS, TRANSPOSES, Reader, Unsupported, matmul_operands, shape
+from moecompile.frontend.groups import read_groups
 from moecompile.ir.spec import CapacitySpec, MoESpec, RouteSpec, WeightRef
 
 aten = torch.ops.aten
@@ -53,6 +59,8 @@ def analyze(rec: Recording, block: torch.nn.Module) -> MoESpec:
     dense = [m for m in matmuls if m not in routed and m is not router_mm]
     if not routed:
         raise Unsupported("a router and a top-k were found, but no expert matmul uses the selection", stage=1)
+    if mask_products(g, routed)[1]:  # tokens multiplied with a routing mask: the GShard family
+        return _mask_spec(g, block, x, router_mm, router_name, sels, routed, dense)
     targets = {n.target for n in route_nodes}
     scoring = "softmax" if targets & {aten._softmax.default, aten.softmax.int} else \
         "sigmoid" if aten.sigmoid.default in targets else None
@@ -76,8 +84,7 @@ def analyze(rec: Recording, block: torch.nn.Module) -> MoESpec:
             scale *= float(n.args[1])
 
     score_bias = _score_bias(g, route_nodes, E)
-    n_group, topk_group, group_score = _groups(g, route_nodes, sels, E)
-    route = RouteSpec(E, top_k, scoring, renormalize, scale, n_group, topk_group, group_score)
+    route = RouteSpec(E, top_k, scoring, renormalize, scale, **read_groups(g, route_nodes, sels, E))
 
     expert, weights = read_experts(g, routed, E, D)
     shared, (shared_gate, shared_gate_bias) = _shared(g, dense, block, D)
@@ -86,6 +93,62 @@ def analyze(rec: Recording, block: torch.nn.Module) -> MoESpec:
                    weights=weights, router_bias=_bias_of(g, router_mm), score_bias=score_bias,
                    capacity=_capacity(g, sels, x, E), shared=shared, shared_gate=shared_gate,
                    shared_gate_bias=shared_gate_bias, outputs=outputs)
+
+
+def _mask_spec(g: Reader, block, x, router_mm, router_name, sels, routed, dense) -> MoESpec:
+    """A block that dispatches by a one-hot capacity mask (frontend/dispatch_mask.py) as a MoESpec."""
+    D, E = shape(x)[-1], shape(router_mm)[-1]
+    m = read_mask_dispatch(g, router_mm, sels, routed, E)
+    refuse_random_in_training(g, block)
+    route = RouteSpec(E, m.top_k, m.scoring, m.renormalize, later_above=m.later_above,
+                      renormalize_kept=m.renormalize_kept)
+    capacity, group = None, 0
+    if m.capacity is not None:
+        groups = _capacity_group(g, m.count, x, E)
+        def per_group(s):  # tokens per capacity group of hidden states of shape s: what the rule reads
+            return s[-2] if groups["group"] == "sequence" else groups.get("group_size") or math.prod(s[:-1])
+        group = per_group(shape(x))
+        factor, floor = capacity_rule(_capacities_at(g, block, {group: m.capacity}, per_group), m.top_k, E)
+        capacity = CapacitySpec(m.capacity, order="choice", factor=factor, min_capacity=floor, **groups)
+    expert, weights = read_experts(g, m.experts, E, D)
+    shared, (shared_gate, shared_gate_bias) = _shared(g, dense, block, D)
+    names, aux = [], None
+    for o in g.rec.outputs:
+        if o is not None and shape(o) == shape(x) and any(g.depends(o, e) for e in m.experts):
+            names.append("out")
+        elif o is not None and shape(o) == () and g.depends(o, router_mm) and \
+                not any(g.depends(o, e) for e in m.experts):
+            names.append("aux")
+            aux = read_aux(g, o, router_mm, m.first, m.tests, group)
+        elif o is not None and is_first_choice_count(g, o, m.first, E):
+            names.append("counts")
+        else:
+            raise Unsupported(f"block output {list(shape(o))} is not the MoE result, an auxiliary loss or the "
+                              "count of tokens per first choice")
+    if names.count("out") != 1 or names.count("aux") > 1:
+        raise Unsupported("the block does not return one MoE result and at most one auxiliary loss")
+    return MoESpec(hidden=D, route=route, expert=expert, router=WeightRef(router_name), weights=weights,
+                   router_bias=_bias_of(g, router_mm), capacity=capacity, shared=shared, shared_gate=shared_gate,
+                   shared_gate_bias=shared_gate_bias, outputs=tuple(names), aux=aux)
+
+
+def _capacities_at(g: Reader, block, points: dict[int, int], per_group) -> dict[int, int]:
+    """Tokens per capacity group → capacity: the recorded call's, and the block's re-recorded at twice and at
+    one token per sequence (when its input is the hidden states alone): where the rule for other calls is
+    read from."""
+    if len(g.rec.inputs) != 1:
+        return points
+    xv = g.rec.inputs[0].meta["val"]
+    dim = -2 if xv.dim() > 2 else 0
+    for other in (torch.cat([xv, xv], dim), xv.narrow(dim, 0, 1)):
+        try:
+            again = Reader(record(block, (other,), {}), g.names)
+        except Exception:  # the block takes more than its hidden states: one call's capacity it is
+            return points
+        found = recorded_capacities(again)
+        if len(found) == 1:
+            points[per_group(tuple(other.shape))] = found.pop()
+    return points
 
 
 def _find_selection(g: Reader, D: int):
@@ -114,7 +177,8 @@ def _weights_root(g: Reader, sels):
         values = [u for u in sel.users if u.target is getitem and u.args[1] == 0 and u.users]
         if values:
             return values[0]
-    raise Unsupported("the routing weights could not be traced from the top-k")
+    raise Unsupported("the weights the experts' outputs are combined with could not be traced from the top-k: "
+                      "neither its values nor the scores gathered at the chosen experts")
 
 
 DENOMINATOR_GUARDS = {aten.add.Tensor, aten.add.Scalar, aten.clamp.default, aten.clamp_min.default}
@@ -141,24 +205,6 @@ def _score_bias(g: Reader, route_nodes, E: int) -> WeightRef | None:
     return None
 
 
-def _groups(g: Reader, route_nodes, sels, E: int):
-    """Group-limited selection: scores viewed [T, G, E/G], groups scored, the best `topk_group` kept."""
-    for n in route_nodes:
-        s = shape(n)
-        if n.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) and \
-                len(s) == 3 and s[1] * s[2] == E and 1 < s[1] < E:
-            G = s[1]
-            group_sel = [m for m in route_nodes if m.target in SELECTIONS and m not in sels
-                         and shape(m.args[0]) == (s[0], G)]
-            if not group_sel:
-                raise Unsupported(f"scores are viewed as {G} expert groups but no group selection was found")
-            k_group = group_sel[0].args[1] if group_sel[0].target is aten.topk.default else 1
-            top2 = any(m.target is aten.topk.default and m.args[1] == 2 and m.args[0] is not None
-                       and shape(m.args[0])[-1:] == (E // G,) for m in route_nodes)
-            return G, k_group, "top2sum" if top2 else "max"
-    return 1, 1, "max"
-
-
 def _bias_of(g: Reader, mm) -> WeightRef | None:
     _, _, bias = matmul_operands(mm)
     name, _ = g.source_param(bias) if bias is not None else (None, [])
@@ -172,7 +218,8 @@ def _shared(g: Reader, dense, block, D: int):
         act, w, _ = matmul_operands(m)
         name, chain = g.source_param(w)
         if name is None:
-            raise Unsupported(f"dense matmul {m.name} has no parameter operand")
+            raise Unsupported("a matrix product besides the router and the experts multiplies two computed tensors "
+                              "(no weight), e.g. attention inside the block: it is not a shared expert")
         if 1 in shape(w) and any(u.target is aten.sigmoid.default for u in g.users_through_passthrough(m)):
             gate = (WeightRef(name, (), g.param_shape(name) != (1, D)), _bias_of(g, m))
         else:
@@ -198,8 +245,10 @@ def _common_module(names: list[str]) -> str:
     return ".".join(common)
 
 
-CAPACITY_TESTS = {aten.le.Scalar, aten.lt.Scalar, aten.le.Tensor, aten.lt.Tensor,
-                  aten.ge.Scalar, aten.gt.Scalar, aten.ge.Tensor, aten.gt.Tensor}
+COMPARED = {aten.le.Scalar: "count <= ...", aten.lt.Scalar: "count < ...", aten.le.Tensor: "count <= a tensor",
+            aten.lt.Tensor: "count < a tensor", aten.ge.Scalar: "count >= ...", aten.gt.Scalar: "count > ...",
+            aten.ge.Tensor: "count >= a tensor", aten.gt.Tensor: "count > a tensor"}
+CAPACITY_TESTS = set(COMPARED)
 RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
@@ -222,8 +271,8 @@ def _capacity(g: Reader, sels, x, E: int) -> CapacitySpec | None:
         bound = test.args[1]
         if test.target not in (aten.le.Scalar, aten.lt.Scalar) or isinstance(bound, bool) or \
                 not isinstance(bound, (int, float)):
-            raise Unsupported(f"tokens are counted per expert and compared ({test.target}) with something other "
-                              "than a constant capacity (count <= C or count < C)")
+            raise Unsupported(f"tokens are counted per expert and compared ({COMPARED[test.target]}) with "
+                              "something other than a constant capacity (count <= C or count < C)")
         # count <= c keeps floor(c) tokens; count < c keeps ceil(c) - 1; at least none
         capacity = max(0, math.floor(bound) if test.target is aten.le.Scalar else math.ceil(bound) - 1)
         return CapacitySpec(capacity, **_capacity_group(g, n, x, E))
@@ -255,7 +304,7 @@ def _capacity_group(g: Reader, count, x, E: int) -> dict:
     path = g.between(x, count)
     turned = sorted((n for n in path if n.target in TRANSPOSES), key=g.order.get)
     if turned:
-        raise Unsupported(f"tokens are counted per expert after a transpose ({turned[0].name}): capacity groups "
+        raise Unsupported("tokens are counted per expert after a transpose: capacity groups "
                           "that are not runs of consecutive tokens")
     if len(lead) == 1:
         return dict(group="call")
@@ -274,12 +323,12 @@ def _capacity_group(g: Reader, count, x, E: int) -> dict:
         last = splits[-1]
         linear = " (F.linear with a bias on [..., S, D] records this way too)" \
             if last.args[0].target is aten.addmm.default else ""
-        raise Unsupported(f"{what}: the tokens are reshaped ({last.name} to {sizes[-1]}){linear} with sizes recorded "
+        raise Unsupported(f"{what}: the tokens are reshaped (to {sizes[-1]}){linear} with sizes recorded "
                           "as this call's numbers; whether a group is each sequence of the input, a fixed number of "
                           "tokens or a fixed number of groups cannot be told from one call")
     taken = set(xs) | {T} | {d for i in g.rec.inputs[1:] for d in shape(i)}
     if G in taken:
-        raise Unsupported(f"{what}: the tokens are reshaped to [-1, {G}, ...] ({splits[-1].name}) and {G} "
+        raise Unsupported(f"{what}: the tokens are reshaped to [-1, {G}, ...] and {G} "
                           f"is also a size of the inputs (hidden states {list(shape(x))}): a fixed group of {G} tokens "
                           "and a group computed from the input's shape cannot be told apart from one call (an "
                           f"example input with another sequence length can tell them)")

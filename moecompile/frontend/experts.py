@@ -7,6 +7,7 @@ parameter or as E per-expert parameters found by name pattern (`experts.{}.w1.we
 from __future__ import annotations
 
 import re
+from operator import getitem
 
 import torch
 from torch import fx
@@ -27,7 +28,8 @@ def read_experts(g: Reader, routed, E: int, D: int) -> tuple[ExpertSpec, ExpertW
             act, w = w, act
             name, chain = g.source_param(w)
         if name is None:
-            raise Unsupported(f"routed matmul {m.name} has no parameter operand")
+            raise Unsupported("a matrix product that depends on the expert choice multiplies two computed tensors "
+                              "(no expert weight): the tokens reach the experts in a way not understood")
         info.append((m, act, name, chain, bias))
     firsts = [i for i in info if not any(g.depends(i[1], o[0]) for o in info if o is not i)]
     seconds = [i for i in info if i not in firsts]
@@ -55,6 +57,8 @@ def read_experts(g: Reader, routed, E: int, D: int) -> tuple[ExpertSpec, ExpertW
     has_bias = "b1" in refs
     if has_bias != ("b2" in refs):
         raise Unsupported("experts have a bias on one layer only")
+    if has_bias and "w3" in refs and "b3" not in refs:
+        raise Unsupported("the experts' gate projection has a bias and their up projection none")
     return ExpertSpec(activation, has_bias, fused, alpha, limit), ExpertWeights(**refs)
 
 
@@ -90,7 +94,9 @@ def _activation(g: Reader, body, feeding):
         return ("swiglu" if gated else "silu",) + DEFAULTS
     if aten.relu.default in targets:
         return ("relu",) + DEFAULTS
-    raise Unsupported(f"unrecognized expert activation among {sorted(str(t) for t in targets)}")
+    ops = sorted({t.__name__ if t is getitem else t._opname for t in targets if callable(t)})
+    raise Unsupported(f"unrecognized expert activation: the ops between the experts' two layers ({', '.join(ops)}) "
+                      "are not ReLU, GELU, SiLU or their gated forms (SwiGLU, GeGLU, gpt-oss's clamped SwiGLU)")
 
 
 def _clamped_constants(body) -> tuple[float, float]:
@@ -205,8 +211,8 @@ def _per_expert_template(name: str, names: set[str], E: int) -> str | None:
 
 def _expert_bias(g: Reader, info, E: int) -> WeightRef | list[WeightRef] | None:
     m, act, name, chain, bias, *part = info
-    if bias is None:
-        adds = [u for u in m.users if u.target in (aten.add.Tensor, aten.add_.Tensor)]
+    if bias is None:  # added after the matmul (through the views a batched matmul's result takes)
+        adds = [u for u in g.users_through_passthrough(m) if u.target in (aten.add.Tensor, aten.add_.Tensor)]
         bias = next((a for u in adds for a in u.args if isinstance(a, fx.Node) and a is not m
                      and g.source_param(a)[0]), None)
     if bias is None:

@@ -90,3 +90,28 @@ def matmul_operands(n) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     if n.target in (aten.addmm.default, aten.baddbmm.default):
         return n.args[1], n.args[2], n.args[0]
     return n.args[0], n.args[1], None
+
+
+def constant(v) -> float | None:
+    """A Python number, or the value of a recorded one-element tensor that derives from no input or
+    parameter of the block (a constant the model code made with torch, e.g. a capacity); else None."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    val = v.meta.get("val") if isinstance(v, fx.Node) else None
+    if isinstance(val, torch.Tensor) and val.numel() == 1 and not _from_block(v):
+        return float(val.item())
+    return None
+
+
+def _from_block(n: fx.Node) -> bool:
+    """Whether a recorded node derives from the block's inputs or parameters."""
+    todo, seen = [n], set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if m.op == "placeholder" and m.meta.get("kind") in ("input", "param"):
+            return True
+        todo += m.all_input_nodes
+    return False

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecompile.ir import ops
+from moecompile.ir.choices import ChoiceRows, aux_loss, by_choice, renormalize_kept
 from moecompile.ir.spec import CapacitySpec, MoESpec
+from moecompile.kernels import native
 
 
 def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
@@ -36,6 +38,7 @@ class Routed:
     counts: torch.Tensor          # [E]
     capacity: CapacitySpec | None = None  # the capacity this call ran with (call_capacity)
     flight: object = None         # runtime.expert_parallel.Flight, rows already sent (shortcut + expert parallel)
+    layout: ChoiceRows | None = None  # the [T, k] choices when the slots above are rows in GShard's order
 
 
 def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid: torch.Tensor | None = None
@@ -55,6 +58,10 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
     router_b = spec.router_bias.get(block) if spec.router_bias else None
     logits = F.linear(tokens, spec.router.get(block), router_b)                  # [T, E]
     score_bias = spec.score_bias.get(block) if spec.score_bias else None
+    if score_bias is not None and r.n_group > 1 and r.group_fill == "exclude":
+        # the route op sets the experts of groups not kept to 0; they are excluded (-inf) as in the block
+        # when every kept score is ≥ 0: a constant shift of the bias makes it so, and changes no choice
+        score_bias = score_bias - score_bias.detach().amin().clamp(max=0)
     if avoid is None:
         weights, indices, _ = ops.call(ops.route, logits, score_bias, r.num_experts, r.top_k, r.scoring,
                                        r.renormalize, r.scale, r.n_group, r.topk_group, r.group_score,
@@ -64,18 +71,26 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
         first, second = scores.topk(2, dim=-1).indices.unbind(-1)                       # [T] ×2
         indices = torch.where(first == avoid, second, first).unsqueeze(-1)              # [T, 1]
         weights = scores.gather(-1, indices) * r.scale
+    for update in spec.buffer_updates:  # e.g. the per-expert counts of auxiliary-loss-free balancing
+        update.apply(block, indices)
     cap = call_capacity(spec, indices, routed_in.shape)
-    priority = None
-    if cap and spec.routing.batch_prioritized:  # each token's largest router score: its importance
+    if cap is None and takes_decode_path(spec, indices):  # no rows to dispatch: finish_routed runs decode_ffn
+        return Routed(tokens, logits, weights, indices, None, None, None)
+    priority, layout = None, None
+    if cap and cap.order == "choice":  # GShard: slots as rows in the order it takes capacity (ir/choices.py)
+        layout, tokens, indices, weights, cap, priority = by_choice(tokens, indices, weights, cap, r.later_above)
+    elif cap and spec.routing.batch_prioritized:  # each token's largest router score: its importance
         plain = logits.detach().float()
         priority = (plain.softmax(-1) if r.scoring == "softmax" else plain.sigmoid()).amax(-1)   # [T]
     x_perm, order, counts = ops.call(ops.dispatch, tokens, indices, r.num_experts, cap.capacity if cap else -1,
                                      cap.group_size if cap else 0, priority, kern["dispatch"])     # [N, D], [N], [E]
+    if layout is not None and r.renormalize_kept:
+        weights = renormalize_kept(layout, weights, order)
     if spec.expert_load is not None and torch.is_grad_enabled():
         spec.expert_load += counts
     if cap and not ops._tracing([x_perm]):  # eager: N is a host int already (no sync)
         spec.drops.record(indices.numel(), x_perm.shape[0], cap.capacity, torch.is_grad_enabled())
-    routed = Routed(tokens, logits, weights, indices, order, x_perm, counts, cap)
+    routed = Routed(tokens, logits, weights, indices, order, x_perm, counts, cap, layout=layout)
     if spec.parallel is not None and spec.shortcut is not None:
         routed.flight = spec.parallel.start(x_perm, counts, capacity_rows(cap, tokens.shape[0]) if cap else None)
         routed.flight.send_all()
@@ -91,6 +106,10 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
     shared = functools.partial(shared_expert, spec, block, current) if spec.shared is not None else None
     out, shared_out = None, None
     for b, routed in enumerate(branches):
+        if routed.x_perm is None:  # the decode path (begin_routed chose it)
+            part = decode_experts(spec, block, routed)                            # [T, D]
+            out = part if out is None else out + part
+            continue
         tokens, x_perm, counts, cap = routed.tokens, routed.x_perm, routed.counts, routed.capacity
         ffn = experts_of(spec, block, x_perm)
         side = shared if b == len(branches) - 1 else None
@@ -105,13 +124,39 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
             y_perm = ffn(x_perm, counts)                                          # [N, D]
         fill = tokens if cap and cap.dropped == "identity" else None
         part = combine(y_perm, routed, fill, kern["combine"])                    # [T, D]
+        if routed.layout is not None:
+            part = routed.layout.fold(part)
         out = part if out is None else out + part
     if shared is not None:
         out = out + (shared() if shared_out is None else shared_out)
     first = branches[0]
-    results = {"out": out.view(x.shape).to(x.dtype), "logits": first.logits, "weights": first.weights}
+    plain = first.layout or first  # the [T, k] choices and weights as the block sees them
+    results = {"out": out.view(x.shape).to(x.dtype), "logits": first.logits, "weights": plain.weights}
+    if "counts" in spec.outputs:  # tokens per first choice, before drops (a GShard-style gate's counts)
+        results["counts"] = torch.bincount(plain.indices[:, 0], minlength=spec.num_experts)
+    if spec.aux is not None:
+        group = first.layout.group if first.layout else 0
+        results["aux"] = aux_loss(spec.aux, first.logits, plain.indices[:, 0], group)
     picked = tuple(results[name] for name in spec.outputs)
     return picked[0] if len(picked) == 1 else picked
+
+
+def takes_decode_path(spec: MoESpec, indices: torch.Tensor) -> bool:
+    """Whether this call's routing `indices` [T, k] runs the experts by decode_ffn (kernels/native.py: each
+    slot gathers its expert's weights, batched matmuls, no dispatch) instead of dispatch, expert_ffn and
+    combine: at most `spec.decode_slots` slots (select_kernels sets it per block), in eager (a traced graph
+    keeps the canonical ops), and none of what decode_ffn does not do: expert parallelism, a load counter,
+    experts computed in a precision of their own, autocast. A capacity is checked by the caller."""
+    return (0 < spec.decode_slots >= indices.numel() and spec.parallel is None and spec.expert_load is None
+            and spec.expert.dtype is None and autocasting(indices) is None and not ops._tracing([indices]))
+
+
+def decode_experts(spec: MoESpec, block: nn.Module, routed: Routed) -> torch.Tensor:
+    """The routed experts' weighted sum for each token [T, D], by decode_ffn (takes_decode_path)."""
+    w, ex = expert_weights(spec, block), spec.expert
+    return native.decode_ffn(routed.tokens, routed.weights, routed.indices, w["w1"], w["w2"], w["w3"] or None,
+                             w["b1"] or None, w["b2"] or None, w["b3"] or None, ex.activation, ex.fused, ex.alpha,
+                             ex.limit)
 
 
 def flat_tokens(spec: MoESpec, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +168,9 @@ def flat_tokens(spec: MoESpec, block: nn.Module, x: torch.Tensor) -> torch.Tenso
     if x.dim() == 0 or x.shape[-1] != spec.hidden:
         raise ValueError(f"{type(block).__name__} expects hidden states of shape [..., {spec.hidden}] "
                          f"(its hidden size is {spec.hidden}), got {list(x.shape)}")
+    if spec.input_dims is not None and x.dim() != spec.input_dims:  # e.g. `B, S, D = x.shape` in the original
+        raise ValueError(f"{type(block).__name__} expects hidden states with {spec.input_dims} dims "
+                         f"[..., {spec.hidden}], as the original block does; got {list(x.shape)}")
     return x.reshape(-1, spec.hidden)
 
 
@@ -165,6 +213,9 @@ def expert_ffn(spec: MoESpec, w: dict, rows: torch.Tensor, rows_per_expert: torc
         rows, w = autocast_experts(spec, rows, w, device)
         with torch.autocast(device, enabled=False):
             return expert_ffn(spec, w, rows, rows_per_expert, save)
+    if ex.dtype is not None and rows.dtype != ex.dtype:  # the block casts its experts down and back, as here
+        cast = {k: [t.to(ex.dtype) for t in ts] for k, ts in w.items()}
+        return expert_ffn(spec, cast, rows.to(ex.dtype), rows_per_expert, save).to(rows.dtype)
     return ops.call(ops.expert_ffn, rows, rows_per_expert, w["w1"], w["w2"], w["w3"], w["b1"], w["b2"], w["b3"],
                     ex.activation, ex.fused, ex.alpha, ex.limit, save, spec.kernels["expert_ffn"])[0]
 
@@ -218,6 +269,8 @@ def call_capacity(spec: MoESpec, indices: torch.Tensor, input_shape=None) -> Cap
         if input_shape is None:
             raise ValueError("a capacity per sequence needs the hidden states' shape [..., S, D] to group tokens")
         own = own.for_input(input_shape)
+    if own is not None and own.factor:  # the block's own rule for this call's tokens
+        own = own.for_tokens(indices.shape[0], indices.shape[1], spec.num_experts)
     if x is None:
         return own
     T, k = indices.shape
@@ -233,7 +286,8 @@ def call_capacity(spec: MoESpec, indices: torch.Tensor, input_shape=None) -> Cap
             dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=spec.parallel.group)
         bound = needed.item() if x == 0 else torch.sym_min(needed.item(), bound)
         torch._check(bound >= 0)  # traced, bound is a data-dependent size: say it is one
-    return CapacitySpec(bound, group_size, own.dropped if own else "zero", "fixed" if fixed else "call")
+    return CapacitySpec(bound, group_size, own.dropped if own else "zero", "fixed" if fixed else "call",
+                        own.order if own else "token")
 
 
 def capacity_rows(cap, tokens: int) -> int:

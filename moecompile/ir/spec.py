@@ -6,6 +6,8 @@ same parameters, under the same `state_dict` keys, as the model it came from.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +21,9 @@ OPS = ("route", "dispatch", "expert_ffn", "combine")  # the canonical ops (ir/op
 class RouteSpec:
     """scores = scoring(logits); experts chosen by top-k of (scores + bias), optionally limited to the best
     `topk_group` of `n_group` expert groups; weights = scores of the chosen experts, renormalized to sum to
-    one if `renormalize`, times `scale`."""
+    one if `renormalize`, times `scale`. The experts of the groups not kept are set to 0 before the top-k
+    (`group_fill` "zero", as DeepSeek's Hugging Face code) or left out whatever their scores ("exclude": -inf,
+    as DeepSeek's own code; differs from "zero" when a score bias makes a kept score negative)."""
     num_experts: int
     top_k: int
     scoring: str = "softmax"
@@ -28,6 +32,11 @@ class RouteSpec:
     n_group: int = 1
     topk_group: int = 1
     group_score: str = "max"  # "max" (DeepSeek-V2) or "top2sum" (DeepSeek-V3)
+    group_fill: str = "zero"  # "zero" or "exclude"
+    later_above: float | None = None  # choices after the first are dispatched only where their weight exceeds
+                                      # this (GShard's "threshold" second-expert policy); None: always
+    renormalize_kept: bool = False    # weights renormalized over the choices capacity kept (instead of
+                                      # `renormalize`, over all k before drops)
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class ExpertSpec:
     fused: str = ""
     alpha: float = 1.702   # clamped_swiglu only
     limit: float = 7.0     # clamped_swiglu only
+    dtype: torch.dtype | None = None  # the precision the block computes its experts in, below its own (None: its own)
 
 
 @dataclass(frozen=True)
@@ -55,11 +65,19 @@ class CapacitySpec:
       "sequence"  each sequence of the block's input x [..., S, D]: S = x.shape[-2] tokens, whatever S is
                   in a call (Hugging Face Switch Transformers: `expert_capacity` slots per sequence).
     Left unset it follows `group_size`: "fixed" if > 0, else "call". `for_input(x.shape)` resolves a spec
-    for one call to the "fixed"/"call" form the kernels take (`group_size` = tokens per group, 0 = all)."""
+    for one call to the "fixed"/"call" form the kernels take (`group_size` = tokens per group, 0 = all).
+
+    `order` is the order slots take capacity in: "token" (t·k + j: a token's choices together) or "choice"
+    (GShard: within a group, every token's first choice before any second choice). With `factor` > 0 the
+    capacity is the block's own rule for each call, max(`min_capacity`, ⌈k·factor·G/E⌉) for G tokens per
+    group (`for_tokens`); `capacity` is then the recorded call's."""
     capacity: int
     group_size: int = 0
     dropped: str = "zero"
     group: str = ""
+    order: str = "token"
+    factor: float = 0.0
+    min_capacity: int = 0
 
     def __post_init__(self):
         group = self.group or ("fixed" if self.group_size else "call")
@@ -82,8 +100,18 @@ class CapacitySpec:
             return self
         seq = input_shape[-2] if len(input_shape) >= 2 else 1
         if isinstance(seq, int) and seq == 0:  # no tokens: nothing to group
-            return CapacitySpec(self.capacity, 0, self.dropped, "call")
-        return CapacitySpec(self.capacity, seq, self.dropped, "fixed")
+            return dataclasses.replace(self, group_size=0, group="call")
+        return dataclasses.replace(self, group_size=seq, group="fixed")
+
+    def for_tokens(self, tokens, top_k: int, num_experts: int) -> "CapacitySpec":
+        """This spec with its rule applied (`factor`) for a call of `tokens` tokens, groups resolved
+        (for_input): the capacity of each group of that call."""
+        if not self.factor:
+            return self
+        G = self.group_size if self.group_size else tokens
+        # rounded first: 1.25·32/4 is 10 slots however the product rounds in floating point
+        rule = math.ceil(round(top_k * self.factor * G / num_experts, 9))
+        return dataclasses.replace(self, capacity=max(self.min_capacity, rule), factor=0.0)
 
     def describe(self) -> str:
         """The groups in words, for reports: "per sequence", "per 12 tokens" or "" (all of a call's)."""
@@ -91,6 +119,18 @@ class CapacitySpec:
 
 
 CAPACITY_GROUPS = ("call", "fixed", "sequence")
+
+
+@dataclass(frozen=True)
+class AuxLossSpec:
+    """The auxiliary loss a block returns ("aux" in MoESpec.outputs), from its router logits [T, E] and each
+    token's first choice: `balance` · E · Σ_e mean_t p[t, e] · mean_t [first[t] = e] (GShard's and Switch's
+    balancing loss, p the softmax of the logits, the first choice counted before capacity drops) +
+    `z` · mean_t logsumexp(logits[t])² (ST-MoE's router z-loss). `grouped`: the balancing loss is taken in
+    each capacity group and averaged over the groups (GShard's groups), instead of over all the tokens."""
+    balance: float = 0.0
+    z: float = 0.0
+    grouped: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,8 +213,9 @@ class MoESpec:
 
     `shared` names a dense submodule every token passes (a shared expert); `shared_gate`, if set, is a
     [1, D] weight (plus optional bias) whose sigmoid(x·w + b) scales the shared output. `outputs` says
-    what the block returns, in order: "out" (the block's result), "logits" (router logits [T, E], for auxiliary losses) or
-    "weights" (the routing weights [T, k])."""
+    what the block returns, in order: "out" (the block's result), "logits" (router logits [T, E], for auxiliary losses),
+    "weights" (the routing weights [T, k]), "aux" (the auxiliary loss `aux` describes, a scalar) or "counts" (tokens
+    per first choice before capacity drops [E], int64)."""
     hidden: int
     route: RouteSpec
     expert: ExpertSpec
@@ -192,6 +233,8 @@ class MoESpec:
     router_module: str | None = None   # the submodule that routes, when the block delegates to one...
     router_module_flat: bool = True    # ...and whether it was called on [T, D] tokens or on x itself
     kernels: dict[str, str] = field(default_factory=lambda: dict.fromkeys(OPS, "native"))  # op → backend
+    decode_slots: int = 0              # eager calls with tokens·k ≤ this take the decode path (kernels'
+                                       # decode_ffn), set by select_kernels; 0: never
     parallel: object | None = None     # runtime.expert_parallel.ExpertParallel, set by the expert_parallel pass
     shortcut: object | None = None     # passes.shortcut.Tap: the routed branch's input (ScMoE), else x itself
     expert_load: torch.Tensor | None = None  # [E] token-expert assignments counted in training forwards, when set
@@ -199,6 +242,9 @@ class MoESpec:
     expert_autocast: dict[str, bool] = field(default_factory=dict)  # device type → whether torch.autocast lowers
                                               # the original's expert matmuls (api._note_autocast; unset: it does)
     notes: list[str] = field(default_factory=list)
+    aux: AuxLossSpec | None = None     # what the "aux" output is, when the block returns one
+    buffer_updates: tuple = ()         # ir/buffer_updates.BufferUpdate: what the block adds to its buffers
+    input_dims: int | None = None      # the number of dims the block's hidden states must have (None: any ≥ 1)
 
     @property
     def num_experts(self) -> int:

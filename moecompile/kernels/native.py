@@ -8,12 +8,11 @@ Why hand-written:
   matmul (no [T, k, D] weighted temporary); its backward is one gather of grad_out by token.
 - dispatch's backward is the reference's index_add_ (measured here 2x faster than the gather through the
   inverse permutation and a sum over k: 0.81 vs 1.78 ms at 4096 tokens, E = 8, top-2).
-Without a backward to follow, expert_ffn runs the reference's loop (measured faster then). Routing is small
+Only the experts that received rows cost a visit (see the expert FFN section). Routing is small
 ([T, E]): it skips the reference's redundant passes, works around aten's slow short-row softmax and top-k,
 and has a closed-form backward for traced graphs. Dispatch with a capacity sorts instead of the reference's one-hot cumsum.
 """
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from moecompile.kernels import reference
 from moecompile.kernels.activations import expert_activation, gate_activation, grad_buffer, per_expert, split_gate_up
@@ -133,7 +132,7 @@ def to_slots(rows, order, num_slots):
     inverse = torch.full((num_slots,), N, dtype=order.dtype, device=order.device)
     inverse.scatter_(0, order, torch.arange(N, device=order.device))  # explicit ops: indexing syntax costs µs
     # some slots dropped: point them at an appended zero row (when tracing with a data-dependent N, assume so)
-    if guard_or_true(N < num_slots):
+    if N < num_slots if isinstance(N, int) else _guard_or_true(N < num_slots):
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
     return rows.index_select(0, inverse)
 
@@ -144,44 +143,97 @@ dispatch_backward = reference.dispatch_backward
 # ---- expert FFN ------------------------------------------------------------------------------------------
 # Weights arrive as E per-expert tensors or one stacked [E, ...] tensor (per_expert); the first layer may
 # be a fused gate/up projection (`fused`: "halves" or "interleaved"), run as one [n, 2F] GEMM per expert.
+# Only experts that received rows are visited: at decode sizes most of a fine-grained layer's experts get
+# none (1 token, 64 experts, top-8: 8 of 64), and each visit costs Python dispatch whatever its rows. A
+# visit issues only GEMMs into row blocks of whole-call buffers; the elementwise work (activation, gating,
+# its backward) runs once over all rows, not once per expert.
+SMALL_ROWS = 1 << 20  # N·F1 elements (4 MiB fp32) up to which a forward without `save` also runs whole-call
+
+
 def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, save=True):
     """→ y [N, D] and saved g1 (first-layer output [N, F1], F1 = 2F when fused), u (separate up
     projection, else [0, F]), a = act(gate) [N, F], h = a·up (gated, else [0, F]: h is a).
 
-    Without `save` (nothing will be differentiated) it is the reference's loop, and the saved tensors have
-    0 rows: per-expert temporaries stay in cache, where writing [N, F] buffers that outlive the call made
-    the elementwise ops up to 3x slower, and allocating GEMMs measured ~2.5% faster than `mm(out=)`."""
-    W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
-    N, F1, F_ = x_perm.shape[0], W1[0].shape[0], W2[0].shape[1]
-    gated = W3 is not None or bool(fused)
-    saved = (x_perm.new_empty(N if save else 0, F1), x_perm.new_empty(N if save and W3 is not None else 0, F_),
-             x_perm.new_empty(N if save else 0, F_), x_perm.new_empty(N if save and gated else 0, F_))
-    if not save:
-        return (reference.expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit),
-                *saved)
+    Without `save` (nothing will be differentiated) the saved tensors have 0 rows, and above SMALL_ROWS it
+    is the reference's loop: per-expert temporaries stay in cache, where writing [N, F] buffers that
+    outlive the call made the elementwise ops up to 3x slower, and allocating GEMMs measured ~2.5% faster
+    than `mm(out=)`. Below it the whole-call form wins: per visit two GEMM calls instead of six ops."""
+    N, F1, F_ = x_perm.shape[0], per_expert(w1, 3)[0].shape[0], per_expert(w2, 3)[0].shape[1]
+    gated = w3 is not None or bool(fused)
+    empty = (x_perm.new_empty(0, F1), *(x_perm.new_empty(0, F_) for _ in range(3)))
+    if not save and N * F1 > SMALL_ROWS:
+        return reference.expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit), *empty
+    live = row_blocks(counts)
+    W1, W2, W3 = (_transposed(w) for w in (w1, w2, w3))     # [D, F1], [F, D], [D, F] per expert
     B1, B2, B3 = (per_expert(b, 2) for b in (b1, b2, b3))
-    y = x_perm.new_empty(N, W2[0].shape[0])
-    start = 0
+    offs = _offsets(counts, live)
+    g1 = _grouped_linear(x_perm, live, offs, W1, B1, F1)                                   # [N, F1]
+    u = _grouped_linear(x_perm, live, offs, W3, B3, F_) if w3 is not None else empty[1]    # [N, F]
+    gate, up = split_gate_up(g1, u if w3 is not None else None, fused)
+    if activation == "clamped_swiglu":  # its backward recomputes from g1, u: a is not read
+        a, h = x_perm.new_empty(N, F_), expert_activation(gate, up, activation, alpha, limit)
+    else:
+        a = _act_into(x_perm.new_empty(N, F_), gate, activation)
+        h = a * up if gated else empty[3]
+    y = _grouped_linear(h if gated else a, live, offs, W2, B2, x_perm.shape[1])           # [N, D]
+    return (y, g1, u, a, h) if save else (y, *empty)
+
+
+def row_blocks(counts):
+    """(expert, first row, rows) of each expert with rows, from the per-expert row counts [E]: a host read
+    (no device sync on CPU), and views are then taken of these blocks only (a split into all E blocks
+    costs a view per expert, ~1 µs each, most of them empty at decode sizes)."""
+    blocks, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        r = slice(start, start + n)
-        g1, u, a, h = (t[r] for t in saved)
-        _linear_into(g1, x_perm[r], W1[e], B1, e)
-        if W3 is not None:
-            _linear_into(u, x_perm[r], W3[e], B3, e)
-        gate, up = split_gate_up(g1, u if W3 is not None else None, fused)
-        if activation == "clamped_swiglu":
-            h.copy_(expert_activation(gate, up, activation, alpha, limit))
+        if n:
+            blocks.append((e, start, n))
+            start += n
+    return blocks
+
+
+def _transposed(ws):
+    """The weights transposed to [in, out] per expert (a view of a stacked weight, indexable by expert;
+    None stays None)."""
+    w = per_expert(ws, 3)
+    if w is None:
+        return None
+    return w.transpose(-2, -1) if torch.is_tensor(w) else [t.t() for t in w]
+
+
+def _offsets(counts, live):
+    """int32 end row of each expert's block, for torch._grouped_mm, when at least a quarter of the experts
+    have rows (None otherwise). aten's CPU _grouped_mm loops over all E groups in C++, empty ones
+    included: cheaper than a Python visit per expert from there on (64 experts, top-8: from 4 tokens;
+    8 experts, top-2: from 1 token, 1.97 vs 2.06 ms a Mixtral-like layer, 1 thread), dearer at decode
+    sizes of many experts (1 token: 8 of 64)."""
+    return counts.cumsum(0, dtype=torch.int32) if len(live) * 4 >= counts.shape[0] else None
+
+
+def _grouped_mm_takes(a, b) -> bool:
+    """Whether aten's CPU _grouped_mm (torch 2.13) accepts a [N, K] @ b [E, K, M]: fp32, bf16 or fp16, one
+    dtype, and every stride and base address a multiple of 16 bytes (else it raises). Other devices keep
+    the loop (CUDA's _grouped_mm has limits of its own; the Triton backend is the grouped path there)."""
+    return (a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16, torch.float16) and b.dtype == a.dtype
+            and all((s * t.element_size()) % 16 == 0 for t in (a, b) for s in t.stride() if s != 1)
+            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+
+
+def _grouped_linear(rows, live, offs, W, B, width):
+    """rows [N, in] in expert row blocks `live` (row_blocks) → [N, width]: block e times W[e] (+ B[e]);
+    one _grouped_mm call where `offs` is given (_offsets) and it takes the operands."""
+    if offs is not None and B is None and torch.is_tensor(W) and _grouped_mm_takes(rows, W):
+        return torch._grouped_mm(rows, W, offs=offs)
+    out = rows.new_empty(rows.shape[0], width)
+    for e, s, n in live:
+        if B is None:
+            torch.mm(rows[s:s + n], W[e], out=out[s:s + n])
         else:
-            _act_into(a, gate, activation)
-            if gated:
-                torch.mul(a, up, out=h)
-        _linear_into(y[r], h if gated else a, W2[e], B2, e)
-        start += n
-    return (y, *saved)
+            torch.addmm(B[e], rows[s:s + n], W[e], out=out[s:s + n])
+    return out
 
 
 def _act_into(out, g, activation):
-    """out = act(g) without a temporary (aten's out= kernels)."""
+    """out = act(g) without a temporary (aten's out= kernels); returns out."""
     base = gate_activation(activation)
     if base == "silu":
         return aten.silu.out(g, out=out)
@@ -205,13 +257,6 @@ def _act_backward_into(out, grad, g, activation):
     raise ValueError(f"no closed-form backward for {activation!r}")
 
 
-def _linear_into(out, x, w, biases, e):
-    """out = x wᵀ (+ biases[e]), written in place into a row block of a preallocated buffer."""
-    if biases is None:
-        return torch.mm(x, w.t(), out=out)
-    return torch.addmm(biases[e], x, w.t(), out=out)
-
-
 def _mm_into(out, a, b):
     """out = a @ b into a possibly transposed view (a stacked weight stored [in, out])."""
     if out.is_contiguous():
@@ -222,44 +267,53 @@ def _mm_into(out, a, b):
 def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit,
                         need_x=True):
     """→ grad_x [N, D] (None unless `need_x`: e.g. the block's input needs no gradient) and, per role w1,
-    w2, w3, b1, b2, b3, one stacked gradient (activations.grad_buffer), None where absent."""
+    w2, w3, b1, b2, b3, one stacked gradient (activations.grad_buffer), None where absent; experts that
+    had no rows get zeros. The input-side GEMMs run as the forward's (_grouped_linear), the weight
+    gradients per live expert, around one elementwise pass over all rows."""
+    live = row_blocks(counts)
+    offs = _offsets(counts, live)
     W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
-    g1_all, u_all, a_all, h_all = saved
-    gated, has_bias = W3 is not None or bool(fused), b1 is not None
+    g1, u, a, h = saved
+    gated, has_u, has_bias = w3 is not None or bool(fused), w3 is not None, b1 is not None
     grads = {"w1": grad_buffer(w1, 3), "w2": grad_buffer(w2, 3), "w3": grad_buffer(w3, 3)}
     if has_bias:
         grads.update(b1=grad_buffer(b1, 2), b2=grad_buffer(b2, 2), b3=grad_buffer(b3, 2))
-    grad_x = torch.empty_like(x_perm) if need_x else None
-    start = 0
-    for e, n in enumerate(counts.tolist()):
-        r = slice(start, start + n)
-        xe, gy = x_perm[r], grad_y[r]
-        _mm_into(grads["w2"][e], gy.t(), h_all[r] if gated else a_all[r])   # [D, F]
-        grad_h = gy @ W2[e]                                                 # [n, F]
-        grad_g1 = torch.empty_like(g1_all[r])
-        grad_u = torch.empty_like(u_all[r]) if W3 is not None else None
-        grad_gate, grad_up = split_gate_up(grad_g1, grad_u, fused)
-        gate, up = split_gate_up(g1_all[r], u_all[r] if W3 is not None else None, fused)
-        if activation == "clamped_swiglu":
-            _clamped_swiglu_backward_into(grad_gate, grad_up, grad_h, gate, up, alpha, limit)
-        elif gated:
-            torch.mul(grad_h, a_all[r], out=grad_up)
-            _act_backward_into(grad_gate, grad_h.mul_(up), gate, activation)
-        else:
-            _act_backward_into(grad_gate, grad_h, gate, activation)
-        _mm_into(grads["w1"][e], grad_g1.t(), xe)                             # [F1, D]
-        if need_x:
-            torch.mm(grad_g1, W1[e], out=grad_x[r])
-        if W3 is not None:
-            _mm_into(grads["w3"][e], grad_u.t(), xe)
-            if need_x:
-                grad_x[r].addmm_(grad_u, W3[e])
+    if len(live) < counts.shape[0]:  # experts without rows get no GEMM below: their gradient is zero
+        idle = torch.ones(counts.shape[0], dtype=torch.bool)
+        idle[[e for e, _, _ in live]] = False
+        idle = idle.nonzero().squeeze(1).to(x_perm.device)
+        for g in grads.values():
+            if g is not None:
+                g.index_fill_(0, idle, 0)
+    hidden = h if gated else a
+    for e, s, n in live:
+        _mm_into(grads["w2"][e], grad_y[s:s + n].t(), hidden[s:s + n])                    # [D, F]
+    grad_h = _grouped_linear(grad_y, live, offs, W2, None, a.shape[1])                   # [N, F]
+    grad_g1, grad_u = torch.empty_like(g1), torch.empty_like(u) if has_u else None        # [N, F1], [N, F]
+    grad_gate, grad_up = split_gate_up(grad_g1, grad_u, fused)
+    gate, up = split_gate_up(g1, u if has_u else None, fused)
+    if activation == "clamped_swiglu":
+        _clamped_swiglu_backward_into(grad_gate, grad_up, grad_h, gate, up, alpha, limit)
+    elif gated:
+        torch.mul(grad_h, a, out=grad_up)
+        _act_backward_into(grad_gate, grad_h.mul_(up), gate, activation)
+    else:
+        _act_backward_into(grad_gate, grad_h, gate, activation)
+    grad_x = None
+    if need_x:
+        grad_x = _grouped_linear(grad_g1, live, offs, W1, None, x_perm.shape[1])          # [N, D]
+        if has_u:
+            grad_x += _grouped_linear(grad_u, live, offs, W3, None, x_perm.shape[1])
+    for e, s, n in live:
+        xe, gg1, gu = x_perm[s:s + n], grad_g1[s:s + n], grad_u[s:s + n] if has_u else None
+        _mm_into(grads["w1"][e], gg1.t(), xe)                                             # [F1, D]
+        if has_u:
+            _mm_into(grads["w3"][e], gu.t(), xe)
         if has_bias:
-            torch.sum(grad_g1, 0, out=grads["b1"][e])
-            torch.sum(gy, 0, out=grads["b2"][e])
-            if W3 is not None:
-                torch.sum(grad_u, 0, out=grads["b3"][e])
-        start += n
+            torch.sum(gg1, 0, out=grads["b1"][e])
+            torch.sum(grad_y[s:s + n], 0, out=grads["b2"][e])
+            if has_u:
+                torch.sum(gu, 0, out=grads["b3"][e])
     return grad_x, grads
 
 
@@ -271,6 +325,34 @@ def _clamped_swiglu_backward_into(grad_g, grad_u, grad_h, g, u, alpha, limit):
     torch.mul(grad_h, gc * s * ((u >= -limit) & (u <= limit)), out=grad_u)
     d_glu = s * (1 + alpha * gc * (1 - s)) * (g <= limit)
     torch.mul(grad_h * (u.clamp(-limit, limit) + 1), d_glu, out=grad_g)
+
+
+# ---- decode: few (token, expert) slots against many experts ----------------------------------------------
+def decode_ffn(x, weights, indices, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
+    """dispatch + expert_ffn + combine in one, for calls with few slots: x [T, D], routing weights and
+    indices [T, k] → out [T, D] = Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]).
+
+    Each slot gathers its expert's weights (stacked [E, ...] weights only) and all slots run as batched
+    matmuls: no sort, no per-expert visits, no host read of the routing (static shapes, no sync: what a
+    CUDA graph needs). It copies T·k experts' weights, so it pays only where that is small against a visit
+    per expert (passes/select_kernels.py decides). Plain torch: autograd differentiates it (a weight's
+    gradient comes back through index_select's backward, an index_add into a zero [E, ...] buffer)."""
+    T, k = indices.shape
+    flat = indices.flatten()                                                              # [N] N = T·k
+    rows = x.unsqueeze(1).expand(T, k, x.shape[1]).reshape(T * k, 1, x.shape[1])          # [N, 1, D]
+    g1 = _gathered_linear(rows, w1, b1, flat)                                             # [N, 1, F1]
+    u = _gathered_linear(rows, w3, b3, flat) if w3 is not None else None                  # [N, 1, F]
+    h = expert_activation(*split_gate_up(g1, u, fused), activation, alpha, limit)         # [N, 1, F]
+    y = _gathered_linear(h, w2, b2, flat).view(T, k, x.shape[1])                          # [T, k, D]
+    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)                      # [T, D]
+
+
+def _gathered_linear(rows, w, b, flat):
+    """rows [N, 1, in] → [N, 1, out]: row n times expert flat[n]'s weight (stacked [E, out, in]), + bias."""
+    wt = w[0].index_select(0, flat).transpose(1, 2)                                       # [N, in, out]
+    if b is None:
+        return torch.bmm(rows, wt)
+    return torch.baddbmm(b[0].index_select(0, flat).unsqueeze(1), rows, wt)
 
 
 # ---- combine ---------------------------------------------------------------------------------------------
@@ -308,3 +390,9 @@ def _dropped(weights, order):
     dropped = torch.ones(weights.numel(), dtype=weights.dtype, device=weights.device)
     dropped.index_fill_(0, order, 0)
     return dropped.view(weights.shape)
+
+
+def _guard_or_true(condition) -> bool:
+    """A condition on a symbolic size (tracing only: symbolic_shapes imports sympy, slow at `import moecompile`)."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_true
+    return guard_or_true(condition)

@@ -10,20 +10,24 @@ Invariants: parameters are the original `Parameter` objects (views taken per cal
 Pseudo-code:
     for site in sites:
         for module in site.stack innermost → outwards (at most 3 levels, never spanning two sites):
-            try: spec = analyze(record(module, its inputs)); break
+            try: spec = analyze(record(module, its inputs)); spec.expert.dtype = the experts' precision;
+                  spec.buffer_updates = its buffer additions; break
             except Unsupported as e: keep the most advanced failure
         if spec: install run_moe(spec); ctx.lifted += (layer, block, original forward, recorded inputs)
         report(name, E, k, scoring, rewritten, reason)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 
+from moecompile.frontend import buffer_updates
 from moecompile.frontend.analyze import Unsupported, analyze
 from moecompile.frontend.capture import Site, record
+from moecompile.frontend.precision import experts_dtype
 from moecompile.ir.lowering import run_moe
 from moecompile.ir.spec import RoutingOverride
 from moecompile.passes.registry import CompileContext, InstalledForward, Lifted, register_pass
@@ -64,6 +68,10 @@ def _lift_site(ctx: CompileContext, site: Site, others: list[Site]) -> MoELayer 
             continue
         try:
             spec = analyze(recording, block)
+            spec.expert = dataclasses.replace(spec.expert, dtype=experts_dtype(recording, spec))
+            if spec.expert.dtype is not None:
+                spec.notes.append(f"experts computed in {spec.expert.dtype}, as the block casts them")
+            spec.buffer_updates = _buffer_updates(block, recording, args, kwargs, spec)
         except Unsupported as e:
             if best is None or e.stage > best[0].stage:
                 best = (e, name)
@@ -79,6 +87,26 @@ def _lift_site(ctx: CompileContext, site: Site, others: list[Site]) -> MoELayer 
         return None
     err, name = best
     return MoELayer(name, None, None, None, rewritten=False, reason=str(err))
+
+
+def _buffer_updates(block: nn.Module, recording, args, kwargs, spec) -> tuple:
+    """What the block adds to its buffers per call, read from its recordings in both train/eval modes (a
+    counter updated only `if self.training` does not show in a model compiled in eval mode)."""
+    buffers = {name for name, _ in block.named_buffers()}
+    if not buffers:
+        return ()
+    recordings, modes = {block.training: recording}, {m: m.training for m in block.modules()}
+    try:
+        block.train(not block.training)
+        recordings[block.training] = record(block, args, kwargs)
+    except Exception as e:  # the other mode stays unread: validation checks it
+        log.info("moecompile: could not record %s in its other train/eval mode: %r", type(block).__name__, e)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    updates = buffer_updates.read(recordings, buffers, spec.num_experts, spec.top_k)
+    spec.notes.extend(f"carries over {update.describe()}" for update in updates)
+    return updates
 
 
 def _note_router_module(spec, block_name: str, site: Site) -> None:
@@ -98,10 +126,25 @@ def _install(ctx, name, block, spec, args, kwargs) -> MoELayer:
         return layer
 
     spec.routing = RoutingOverride(ctx.options.capacity_factor, ctx.options.batch_prioritized)
+    spec.input_dims = _dims_required(block, args, kwargs)
     ctx.lifted.append(Lifted(layer, block, block.forward, args, kwargs))
     block.forward = LiftedForward(spec, block)
     layer.rewritten = True
     return layer
+
+
+def _dims_required(block: nn.Module, args: tuple, kwargs: dict) -> int | None:
+    """The number of dims the block's hidden states must have: that of the recorded call if the original
+    refuses its tokens flattened to [T, D] (`B, S, D = x.shape`), else None (it takes any [..., D])."""
+    x = args[0]
+    if x.dim() <= 2:
+        return None
+    try:
+        with torch.no_grad():
+            block.forward(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs)  # compile_run restores what it changes
+    except Exception:
+        return x.dim()
+    return None
 
 
 class LiftedForward(InstalledForward):

@@ -10,10 +10,11 @@ Pseudo-code:
     for lifted block: device = its router weight's device type
         kernels = AUTO[device] if options.kernels == "auto" else {op: options.kernels for op in OPS}
         (auto falls back to native where why_no_triton(device) gives a reason)
+        decode_slots = the most tokens·k of a call that take the decode path (decode_slots below)
 
 Why these defaults: on CPU the native path (per-expert blocked GEMMs, fused activation backward, gathers
 instead of scatter-adds) is at least as fast as the reference (within noise) on every op of the large
-cases of benchmarks/kernels.py, slower only on two decode-size ops of tens of microseconds (README,
+cases of benchmarks/kernels.py, slower only on two decode-size ops of tens of microseconds (docs/benchmarks.md,
 "Kernels"); Triton's CPU mode is an interpreter for testing, far too slow to run models. On CUDA, Triton's
 grouped GEMM covers all experts in one launch where the native path launches per expert, and its routing
 kernels fuse what native does in several passes.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from moecompile.ir.spec import OPS
 from moecompile.kernels import why_no_triton
+from moecompile.kernels.activations import is_stacked
 from moecompile.passes.registry import CompileContext, register_pass
 
 AUTO = {  # device type → backend per op
@@ -36,6 +38,7 @@ def select_kernels(ctx: CompileContext) -> None:
         spec = lifted.layer.spec
         spec.kernels = kernels_for(ctx.options.kernels, spec.router.get(lifted.block).device.type,
                                    lifted.layer.name)
+        spec.decode_slots = decode_slots(spec, lifted.block)
 
 
 def kernels_for(choice: str, device: str, where: str) -> dict[str, str]:
@@ -49,3 +52,24 @@ def kernels_for(choice: str, device: str, where: str) -> dict[str, str]:
     if why:
         raise ValueError(f"moecompile: kernels='triton' cannot run {where or 'the model'}: {why}")
     return dict.fromkeys(OPS, choice)
+
+
+DECODE_BYTES = 4 << 20  # the most expert weight one decode-path call may gather (CPU: about an L2/L3 share)
+
+
+def decode_slots(spec, block) -> int:
+    """The most token-slots (tokens·k) of an eager call that take the decode path (kernels/native.py
+    decode_ffn): 0 unless every expert weight is one stacked [E, ...] tensor and the ops are not the
+    reference's. It copies each slot's expert weights, where the grouped path reads each chosen expert's
+    once but visits it (native.expert_ffn_forward): measured here (1 thread on a shared machine, no_grad),
+    the copy wins for Qwen3-MoE-like experts (64 of 0.4 MB, top-8) at 1 token (1.5 vs 2.0 ms a layer)
+    and loses from 4 tokens on, and loses for Mixtral-like ones (8 of 6 MB, top-2) at any size (12.3 vs
+    7.3 ms at 1 token). So: slots whose gathered weights stay within DECODE_BYTES, and at most a quarter
+    of the experts (with more slots, most experts are chosen and the grouped path reads each once)."""
+    if spec.kernels["expert_ffn"] == "reference":
+        return 0
+    w = spec.weights.fetch(block)
+    if not all(is_stacked(ws, 3 if role[0] == "w" else 2) for role, ws in w.items() if ws):
+        return 0  # E per-expert tensors: decode_ffn gathers from stacked ones
+    per_expert = sum(ws[0][0].numel() * ws[0].element_size() for ws in w.values() if ws)
+    return min(spec.num_experts // 4, DECODE_BYTES // max(per_expert, 1))

@@ -76,13 +76,23 @@ class Tap:
         self.early_module, self.run_early, self.slot, self.timing = None, None, "block", None
 
     def attach(self, model: nn.Module) -> None:
+        # bound methods, not lambdas: the optimized model pickles (torch.save) with its hooks
         module = model.get_submodule(self.module_name)
         if self.output:
-            module.register_forward_hook(lambda _m, _args, out: self.store(out))
+            module.register_forward_hook(self._on_output)
         else:
-            module.register_forward_pre_hook(lambda _m, args: self.store(args[0]))
+            module.register_forward_pre_hook(self._on_input)
         if self.early_module is not None:
-            model.get_submodule(self.early_module).register_forward_pre_hook(lambda _m, _args: self.early())
+            model.get_submodule(self.early_module).register_forward_pre_hook(self._on_early)
+
+    def _on_input(self, _module, args) -> None:
+        self.store(args[0])
+
+    def _on_output(self, _module, _args, out) -> None:
+        self.store(out)
+
+    def _on_early(self, _module, _args) -> None:
+        self.early()
 
     def store(self, value: torch.Tensor) -> None:
         self._mark("tap")

@@ -6,4 +6,7 @@ def __getattr__(name):
     if name in ("PECCheckpointer", "PLTExceeded"):
         from moecompile.runtime import checkpoint
         return getattr(checkpoint, name)
+    if name == "export_checkpoint":
+        from moecompile.runtime.export import export_checkpoint
+        return export_checkpoint
     raise AttributeError(f"module 'moecompile.runtime' has no attribute {name!r}")

@@ -92,6 +92,9 @@ class ExpertParallel:
     # For the measured timeline of `moecompile viz --ranks`; None (off) costs nothing
     trace: list | None = None
 
+    def summary(self) -> str:
+        return f"expert parallel over {self.size} ranks (experts per rank {list(self.placement.sizes)})"
+
     @property
     def local_experts(self) -> range:
         return self.placement.local(self.rank)
@@ -360,7 +363,7 @@ def reduce_gradients(model, mesh) -> None:
 
     For DDP/FSDP instead: wrap with the expert parameters excluded (DDP:
     `DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))`)
-    and reduce those over the dp dimension yourself; see docs/expert_parallel.md."""
+    and reduce those over the dp dimension yourself; see docs/design/expert_parallel.md."""
     experts = set(expert_parameter_names(model))
     names = mesh.mesh_dim_names or ()
     groups = {dim: mesh[dim].get_group() for dim in names} if mesh.ndim > 1 else {"ep": mesh.get_group()}
@@ -376,6 +379,6 @@ def reduce_gradients(model, mesh) -> None:
 
 def expert_parameter_names(model) -> list[str]:
     """Qualified names of the expert parameters the expert_parallel pass sharded in `model`."""
-    from moecompile.api import explain
-    return [n for layer in explain(model).moe_layers if layer.spec is not None and layer.spec.parallel is not None
+    from moecompile.report import moe_layers
+    return [n for layer in moe_layers(model) if layer.spec is not None and layer.spec.parallel is not None
             for n in layer.spec.parallel.expert_params]

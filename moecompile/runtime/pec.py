@@ -15,7 +15,8 @@ and saved with the non-expert state.
 
 Each checkpoint saves K experts per MoE layer, chosen
     sequential:  (c·K + offset_l + j) mod E for j < K at checkpoint c, offset_l spreading layers apart so one
-                 checkpoint's experts fall on different expert-parallel ranks; every expert within ⌈E/K⌉
+                 checkpoint's experts fall on different expert-parallel ranks; every expert within ⌈E/K⌉;
+                 the snapshot (two levels) adds K_snapshot - K more from a round-robin of their own
     load_aware:  the K experts that processed the most tokens since their last save (ties: the older save)
 and the portion of lost tokens after a restore is, per MoE layer, the token-expert assignments made since
 each restored expert's save over all assignments so far, averaged over layers (the paper's PLT).
@@ -54,9 +55,9 @@ class StateMap:
 
     @staticmethod
     def of(model: nn.Module, optimizer) -> "StateMap":
-        from moecompile.api import explain
+        from moecompile.report import moe_layers
         try:
-            layers = [m for m in explain(model).moe_layers if m.spec is not None and m.rewritten]
+            layers = [m for m in moe_layers(model) if m.spec is not None and m.rewritten]
         except ValueError:
             raise TypeError("PECCheckpointer needs a model returned by moecompile.optimize(): it finds the experts "
                             "in the compiled MoE blocks") from None
@@ -169,17 +170,36 @@ def sequential(counter: int, layers: dict[str, int], k: int) -> dict[str, list[i
     return out
 
 
+def sequential_snapshot(counter: int, layers: dict[str, int], k: int, k_snapshot: int) -> dict[str, list[int]]:
+    """The experts checkpoint number `counter` copies to memory: the k it persists and k_snapshot - k more from
+    a round-robin of their own (same layer offsets), so that every expert is in memory within
+    ⌈E / (k_snapshot - k)⌉ checkpoints: with k_snapshot - k >= E/3, the three snapshots a rank keeps hold a
+    version of every expert from the last three checkpoints."""
+    persist, extra = sequential(counter, layers, k), max(k_snapshot - k, 0)
+    out = {}
+    for l, (layer, E) in enumerate(layers.items()):
+        chosen, e = set(persist[layer]), counter * extra + l * E // len(layers)
+        while len(chosen) < min(k_snapshot, E):
+            chosen.add(e % E)
+            e += 1
+        out[layer] = sorted(chosen)
+    return out
+
+
 def load_aware(unsaved: dict[str, list[int]], age: dict[str, list[int]], k: int) -> dict[str, list[int]]:
     """Per layer the k experts with the most tokens since their save, ties to the longest unsaved (age = the
-    checkpoint counter of its last save; lower is older), then the lower index."""
+    checkpoint counter of its last save; lower is older), then the lower index. One order for every k, so
+    the choice for a smaller k (persist) is inside the one for a larger (snapshot)."""
     return {layer: sorted(sorted(range(len(tokens)), key=lambda e: (-tokens[e], age[layer][e], e))[:k])
             for layer, tokens in unsaved.items()}
 
 
-def assign_writers(sizes: dict[str, int], holders: dict[str, list[int]], ranks: int) -> dict[str, int]:
+def assign_writers(sizes: dict[str, int], holders: dict[str, list[int]], ranks: int,
+                   load: list[int] | None = None) -> dict[str, int]:
     """Each key to one of the ranks holding it, balancing bytes: largest first, to the least-loaded holder
-    (the paper's greedy; per tensor rather than per layer, which balances better)."""
-    load = [0] * ranks
+    (the paper's greedy; per tensor rather than per layer, which balances better). `load`: bytes each rank
+    already has (it is updated)."""
+    load = load if load is not None else [0] * ranks
     out = {}
     for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
         rank = min(holders[key], key=lambda r: (load[r], r))
@@ -202,6 +222,13 @@ def portion_lost(cumulative: dict[str, list[int]], at_save: dict[str, list[int]]
         total.append(lost[layer] / seen if seen else 0.0)
     mean = (lambda xs: sum(xs) / len(xs) if xs else 0.0)
     return mean(fault), mean(total), lost
+
+
+def attributed_plt(lost: dict[str, int], lost_at_k: dict[str, int], cumulative: dict[str, list[int]]) -> float:
+    """Dynamic-K's measure: the portion of lost tokens of the restores made since K was last set (`lost_at_k`:
+    the lost assignments per layer then), over all assignments so far, averaged over layers."""
+    parts = [(lost.get(l, 0) - lost_at_k.get(l, 0)) / sum(c) for l, c in cumulative.items() if sum(c)]
+    return sum(parts) / len(parts) if parts else 0.0
 
 
 def needed(manifests: dict[str, dict], keep: int) -> set[str]:

@@ -154,8 +154,6 @@ def test_hidden_states_the_original_refuses_raise(name):
             fast(x)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the number of dims the block was recorded with in its MoESpec "
-                                       "(set at lift time, passes/lift_moe.py), which run_moe then checks")
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "gpt_moe", "logits"])  # DeepSeek's takes any [..., D]
 def test_dims_the_original_refuses_raise(name):
     """These blocks unpack `B, S, D = x.shape`: flat [T, D] tokens or a 4-D input raise in the original."""

@@ -18,33 +18,9 @@ from moecompile.runtime.spawn import run_ranks
 from moecompile.validation import max_relative_error
 from tests import hf_zoo
 from tests.helpers import first_output, loss_of
+from tests.workflows.families import assert_all_rewritten, batch, make, rewritten
 
-FAMILIES = {"mixtral": hf_zoo.mixtral, "qwen2_moe": hf_zoo.qwen2_moe, "deepseek_v2": hf_zoo.deepseek_v2,
-            "gpt_moe": lambda: gpt_moe(n_layer=2, d_model=32, d_ff=64, max_seq=16)}
 HF = ["mixtral", "qwen2_moe", "deepseek_v2"]
-
-
-def make(family: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return FAMILIES[family]()
-
-
-def call_inputs(family: str, seed: int = 1):
-    """(args, kwargs) of a call that returns a loss."""
-    if family == "gpt_moe":
-        idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
-        return (idx, idx), {}
-    return hf_zoo.inputs(family, seed)
-
-
-def rewritten(model) -> tuple[int, int]:
-    layers = moecompile.explain(model).moe_layers
-    return sum(layer.rewritten for layer in layers), len(layers)
-
-
-def assert_all_rewritten(model):
-    done, found = rewritten(model)
-    assert found > 0 and done == found, str(moecompile.explain(model))
 
 
 # ---- generate: the first call brings the caller's KV cache --------------------------------------------------
@@ -158,7 +134,7 @@ CASES = [(f, c) for f in ("mixtral", "gpt_moe") for c in CONTEXTS if not (f == "
 
 def _step(model, family, context, trains):
     """The call in `context`: outputs, and the loss and every parameter's gradient when it trains."""
-    args, kwargs = call_inputs(family)
+    args, kwargs = batch(family, seed=1)
     enter, _ = CONTEXTS[context]
     for p in model.parameters():
         p.grad = None
@@ -213,16 +189,17 @@ def test_first_call_in_context_rewrites_the_blocks_and_matches_eager_there(famil
 @pytest.mark.parametrize("family", ["mixtral", "gpt_moe"])
 def test_rewritten_block_computes_in_the_originals_precision_under_autocast(family, dtype):
     """Mixtral's experts run aten._grouped_mm, which autocast leaves in fp32; GPT-MoE's nn.Linear experts
-    run in autocast's dtype: the rewritten block does the same and equals the original block exactly."""
+    run in autocast's dtype: the rewritten block does the same and equals the original block to fp32 rounding
+    (computed in bf16 the two would differ by ~1e-3; bit-equality depends on how the threads split the GEMMs)."""
     eager = make(family).eval()
-    fast = moecompile.optimize(eager, *call_inputs(family))
+    fast = moecompile.optimize(eager, *batch(family, seed=1))
     name = next(layer.name for layer in moecompile.explain(fast).moe_layers if layer.rewritten)
     x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         want, got = eager.get_submodule(name)(x), fast.get_submodule(name)(x)
     want, got = (w[0] if isinstance(w, tuple) else w for w in (want, got))
     assert got.dtype == want.dtype
-    assert torch.equal(got, want)
+    assert max_relative_error(got, want, want) < 1e-5
 
 
 # ---- nothing rewritten: said once -------------------------------------------------------------------------

@@ -11,35 +11,22 @@ import pytest
 import torch
 
 import moecompile
-from moecompile.models import gpt_moe
 from moecompile.validation import max_relative_error
 from tests import hf_zoo
 from tests.helpers import first_output, loss_of
+from tests.workflows import families
+from tests.workflows.families import batch, make
 
-FAMILIES = {"mixtral": hf_zoo.mixtral, "qwen2_moe": hf_zoo.qwen2_moe, "deepseek_v2": hf_zoo.deepseek_v2,
-            "gpt_moe": lambda: gpt_moe(n_layer=2, n_head=2, d_model=16, d_ff=32, num_experts=4, max_seq=16)}
 HF = ["mixtral", "qwen2_moe", "deepseek_v2"]
 
 
-def make(family: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return FAMILIES[family]()
-
-
-def call_inputs(family: str, seed: int = 0):
-    if family == "gpt_moe":
-        idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
-        return (idx, idx), {}
-    return hf_zoo.inputs(family, seed)
-
-
 def rewritten(model) -> int:
-    return sum(layer.rewritten for layer in moecompile.explain(model).moe_layers)
+    return families.rewritten(model)[0]
 
 
 def assert_same_outputs(model, eager, family, seeds=(1, 2)):
     for seed in seeds:
-        args, kwargs = call_inputs(family, seed)
+        args, kwargs = batch(family, seed=seed)
         with torch.no_grad():
             got, want = model(*args, **kwargs), eager(*args, **kwargs)
         assert max_relative_error(first_output(got), first_output(want), first_output(want)) < 1e-4
@@ -55,7 +42,7 @@ def test_forward_presents_the_models_signature_before_and_after_the_first_call(f
     assert inspect.signature(fast.forward) == want          # what Trainer reads to keep dataset columns
     assert fast.forward.__name__ == "forward" and fast.forward.__doc__ == eager.forward.__doc__
     assert fast.forward.__wrapped__ == type(eager).forward.__get__(fast)  # functools.wraps-style
-    args, kwargs = call_inputs(family)
+    args, kwargs = batch(family)
     fast(*args, **kwargs)
     assert inspect.signature(fast.forward) == want
     block = next(fast.get_submodule(m.name) for m in moecompile.explain(fast).moe_layers if m.rewritten)
@@ -146,7 +133,7 @@ def test_lazy_model_round_trips_and_compiles_at_its_first_call(family, trip):
 @pytest.mark.parametrize("family", [*HF, "gpt_moe"])
 def test_compiled_model_round_trips_with_its_blocks_rewritten(family):
     eager = make(family)
-    args, kwargs = call_inputs(family)
+    args, kwargs = batch(family)
     fast = moecompile.optimize(eager, args, kwargs)
     n = rewritten(fast)
     assert n == len(moecompile.explain(fast).moe_layers) > 0
@@ -164,7 +151,7 @@ def test_compiled_model_round_trips_with_its_blocks_rewritten(family):
 
 def test_set_routing_reaches_the_blocks_of_a_loaded_model():
     eager = make("mixtral")
-    args, kwargs = call_inputs("mixtral")
+    args, kwargs = batch("mixtral")
     fast = moecompile.optimize(eager, args, kwargs)
     loaded = _torch_save(fast)
     moecompile.set_routing(loaded, top_k=1)
@@ -186,7 +173,7 @@ def test_optimizing_an_optimized_model_keeps_its_blocks_rewritten(family, first,
     """first: the model given is lazy (not yet called), lazy and called once, or compiled from example
     inputs; again: optimize() of it without or with example inputs."""
     eager = make(family)
-    args, kwargs = call_inputs(family)
+    args, kwargs = batch(family)
     fast = moecompile.optimize(eager, args, kwargs) if first == "compiled" else moecompile.optimize(eager)
     if first == "called":
         fast(*args, **kwargs)
@@ -205,7 +192,7 @@ def test_optimizing_an_optimized_model_keeps_its_blocks_rewritten(family, first,
 
 def test_optimizing_again_with_other_options_says_they_were_not_applied():
     eager = make("mixtral")
-    args, kwargs = call_inputs("mixtral")
+    args, kwargs = batch("mixtral")
     fast = moecompile.optimize(eager, args, kwargs)
     with pytest.warns(UserWarning, match="kernels='reference'"):
         twice = moecompile.optimize(fast, kernels="reference")

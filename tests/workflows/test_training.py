@@ -11,25 +11,13 @@ import pytest
 import torch
 
 import moecompile
-from moecompile.models import gpt_moe
 from moecompile.runtime.spawn import run_ranks
 from moecompile.validation import max_relative_error
 from tests import hf_zoo
 from tests.helpers import assert_same_training_step
+from tests.workflows.families import assert_all_rewritten, batch, make
 
-FAMILIES = {"mixtral": hf_zoo.mixtral, "qwen2_moe": hf_zoo.qwen2_moe, "deepseek_v3": hf_zoo.deepseek_v3,
-            "gpt_moe": lambda: gpt_moe(n_layer=2, n_head=4, d_model=32, d_ff=64, max_seq=64)}
 HF = ["mixtral", "qwen2_moe", "deepseek_v3"]
-
-
-def _model(family):
-    torch.manual_seed(0)
-    return FAMILIES[family]()
-
-
-def _batch(family, batch=2, length=12, seed=0):
-    ids = torch.randint(1, hf_zoo.V, (batch, length), generator=torch.Generator().manual_seed(seed))
-    return ((ids, ids), {}) if family == "gpt_moe" else ((ids,), {"labels": ids})
 
 
 def _step(model, args, kwargs):
@@ -42,11 +30,6 @@ def _step(model, args, kwargs):
                                    for n, p in model.named_parameters()}
 
 
-def _assert_rewritten(fast):
-    layers = moecompile.explain(fast).moe_layers
-    assert layers and all(layer.rewritten for layer in layers), moecompile.explain(fast)
-
-
 def _assert_as_close_as_eager(got, want, ref, what, steps=4):
     """got (optimized, reduced precision) is as close to want (eager, same precision) as eager is to ref
     (fp32): twice eager's own error, plus a few bf16 rounding steps of the tensor's scale."""
@@ -57,21 +40,21 @@ def _assert_as_close_as_eager(got, want, ref, what, steps=4):
 
 def _compare_reduced(family, run):
     """run(model) → (loss, grads) for eager in fp32 (reference), eager and optimized in reduced precision."""
-    ref = run(_model(family), torch.float32)
-    eager_model = _model(family)
+    ref = run(make(family), torch.float32)
+    eager_model = make(family)
     want = run(eager_model, None)
     fast = moecompile.optimize(eager_model)
     got = run(fast, None)
-    _assert_rewritten(fast)
+    assert_all_rewritten(fast)
     _assert_as_close_as_eager(got[0], want[0], ref[0], "loss")
     for name, g in ref[1].items():
         if g is not None:
             _assert_as_close_as_eager(got[1][name], want[1][name], g, f"gradient of {name}")
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*HF, "gpt_moe"])
 def test_bf16_training_step(family):
-    args, kwargs = _batch(family)
+    args, kwargs = batch(family)
 
     def run(model, dtype):
         return _step(model.to(dtype or torch.bfloat16), args, kwargs)
@@ -80,7 +63,7 @@ def test_bf16_training_step(family):
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_moe"])
 def test_autocast_training_step(family):
-    args, kwargs = _batch(family)
+    args, kwargs = batch(family)
 
     def run(model, dtype):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is None):
@@ -90,19 +73,19 @@ def test_autocast_training_step(family):
 
 @pytest.mark.parametrize("family", HF)
 def test_activation_checkpointing(family):
-    eager = _model(family)
+    eager = make(family)
     eager.gradient_checkpointing_enable()
     eager.train()
     fast = moecompile.optimize(eager)
-    args, kwargs = _batch(family)
+    args, kwargs = batch(family)
     assert_same_training_step(eager, fast, args, kwargs)
-    _assert_rewritten(fast)
+    assert_all_rewritten(fast)
 
 
-def test_torch_utils_checkpoint_around_an_optimized_model():
-    eager = _model("gpt_moe")
+def test_torch_utils_checkpoint_around_an_optimizedmake():
+    eager = make("gpt_moe")
     fast = moecompile.optimize(eager)
-    (ids, targets), _ = _batch("gpt_moe")
+    (ids, targets), _ = batch("gpt_moe")
 
     def checkpointed(model):
         return torch.utils.checkpoint.checkpoint(model, ids, targets, use_reentrant=False)[1]
@@ -113,7 +96,7 @@ def test_torch_utils_checkpoint_around_an_optimized_model():
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in eager.named_parameters() if p.grad is not None})
-    _assert_rewritten(fast)
+    assert_all_rewritten(fast)
     assert max_relative_error(losses[1], losses[0], losses[0]) < 1e-4
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
@@ -130,7 +113,7 @@ def test_gradient_accumulation_over_padded_batches(family):
         labels = ids.masked_fill(mask == 0, -100)
         return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
     batches = [micro(12, 3, 0), micro(7, 2, 1)]
-    eager = _model(family)
+    eager = make(family)
     fast = moecompile.optimize(eager)
     grads = []
     for model in (eager, fast):
@@ -138,7 +121,7 @@ def test_gradient_accumulation_over_padded_batches(family):
         for b in batches:
             (model(**b).loss / len(batches)).backward()
         grads.append({n: p.grad.clone() for n, p in eager.named_parameters() if p.grad is not None})
-    _assert_rewritten(fast)
+    assert_all_rewritten(fast)
     for name, g in grads[0].items():
         assert max_relative_error(grads[1][name], g, g) < 1e-4, name
 
@@ -146,14 +129,14 @@ def test_gradient_accumulation_over_padded_batches(family):
 @pytest.mark.parametrize("family", ["mixtral", "gpt_moe"])
 def test_frozen_parameters(family):
     """Experts frozen (a common fine-tuning recipe), router and the rest trained."""
-    eager = _model(family)
+    eager = make(family)
     for name, p in eager.named_parameters():
         p.requires_grad_("experts" not in name)
     fast = moecompile.optimize(eager)
-    args, kwargs = _batch(family)
+    args, kwargs = batch(family)
     loss_e, grads_e = _step(eager, args, kwargs)
     loss_f, grads_f = _step(fast, args, kwargs)
-    _assert_rewritten(fast)
+    assert_all_rewritten(fast)
     assert max_relative_error(loss_f, loss_e, loss_e) < 1e-4
     for name, g in grads_e.items():
         assert (g is None) == (grads_f[name] is None), name
@@ -164,9 +147,9 @@ def test_frozen_parameters(family):
 
 @pytest.mark.parametrize("family", HF)
 def test_state_dict_save_pretrained_and_deepcopy(family, tmp_path):
-    eager = _model(family)
+    eager = make(family)
     fast = moecompile.optimize(eager)
-    args, kwargs = _batch(family)
+    args, kwargs = batch(family)
     want = eager(*args, **kwargs).logits.detach()
     fast(*args, **kwargs)
     assert fast.state_dict().keys() == eager.state_dict().keys()
@@ -174,16 +157,16 @@ def test_state_dict_save_pretrained_and_deepcopy(family, tmp_path):
     loaded = type(eager).from_pretrained(tmp_path)
     assert torch.equal(loaded(*args, **kwargs).logits.detach(), want)
     twin = copy.deepcopy(fast)
-    _assert_rewritten(twin)
+    assert_all_rewritten(twin)
     assert max_relative_error(twin(*args, **kwargs).logits.detach(), want, want) < 1e-5
     assert all(a is not b for a, b in zip(twin.parameters(), eager.parameters()))
 
 
 def _ddp_rank(rank, world, family):
     from torch.nn.parallel import DistributedDataParallel as DDP
-    eager = _model(family)
-    fast = moecompile.optimize(_model(family))
-    args, kwargs = _batch(family, seed=rank)
+    eager = make(family)
+    fast = moecompile.optimize(make(family))
+    args, kwargs = batch(family, seed=rank)
     results = []
     for model in (eager, fast):
         ddp = DDP(model)

@@ -1,0 +1,193 @@
+"""The small-size paths (issue 17): the expert FFN visiting only experts that got rows, and the decode path
+(kernels/native.py decode_ffn, chosen per call by lowering.takes_decode_path from spec.decode_slots). Both
+must give the reference's outputs and gradients at 0, 1, k, E and many tokens, and the choice between the
+paths must not change results beyond fp32 rounding. No timings here (benchmarks/small.py)."""
+import pytest
+import torch
+
+import moecompile
+from moecompile.ir import lowering
+from moecompile.kernels import native
+from moecompile.kernels import reference as ref
+
+ROLES = ("w1", "w2", "w3", "b1", "b2", "b3")
+
+
+def expert_weights(E, D, F, fused, bias, gen):
+    """Stacked [E, ...] expert weights in nn.Linear layout, leaves requiring grad (absent roles: None)."""
+    mk = lambda *s: (torch.randn(*s, generator=gen) * 0.3).requires_grad_()  # noqa: E731
+    F1 = 2 * F if fused else F
+    return {"w1": mk(E, F1, D), "w2": mk(E, D, F), "w3": None if fused else mk(E, F, D),
+            "b1": mk(E, F1) if bias else None, "b2": mk(E, D) if bias else None,
+            "b3": mk(E, F) if bias and not fused else None}
+
+
+def reference_moe(x, weights, indices, w, E, activation, fused):
+    """dispatch → expert_ffn → combine on the reference kernels: the definition."""
+    x_perm, order, counts = ref.dispatch(x, indices, E, -1, 0)
+    lists = {r: None if t is None else [t] for r, t in w.items()}
+    y = ref.expert_ffn(x_perm, counts, *(lists[r] for r in ROLES), activation, fused, 1.702, 7.0)
+    return ref.combine(y, order, weights, None)
+
+
+def grads_of(out, leaves, seed=1):
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(out, leaves, cot, allow_unused=True)
+
+
+def close(a, b, rtol=2e-5):
+    """Equal up to fp32 rounding, relative to b's largest value; a missing gradient equals a zero one."""
+    if a is None or b is None:
+        return not any(t is not None and t.abs().any() for t in (a, b))
+    if a.shape != b.shape:
+        return False
+    return a.numel() == 0 or (a - b).abs().max().item() <= rtol * max(b.abs().max().item(), 1e-6)
+
+
+E_, K_ = 16, 4
+SIZES = [0, 1, K_, E_, 64]  # tokens: none, one (decode), k, E, many (prefill)
+KINDS = [("swiglu", "halves", False), ("swiglu", "", True), ("gelu", "", False),
+         ("clamped_swiglu", "interleaved", True)]
+
+
+@pytest.mark.parametrize("T", SIZES)
+@pytest.mark.parametrize("activation,fused,bias", KINDS)
+def test_decode_ffn_matches_reference(T, activation, fused, bias):
+    """decode_ffn's output and, by autograd, its gradients (input, routing weights, every expert weight)."""
+    gen = torch.Generator().manual_seed(T)
+    D, F = 8, 6
+    fused = fused if activation in ("swiglu", "clamped_swiglu") else ""
+    w = expert_weights(E_, D, F, fused, bias, gen)
+    if activation == "gelu":
+        w["w3"], w["b3"] = None, None
+    x = torch.randn(T, D, generator=gen).requires_grad_()
+    weights = torch.rand(T, K_, generator=gen).requires_grad_()
+    indices = torch.rand(T, E_, generator=gen).topk(K_, -1).indices
+    leaves = [x, weights] + [t for t in w.values() if t is not None]
+    got = native.decode_ffn(x, weights, indices, *([t] if t is not None else None for t in w.values()),
+                            activation, fused, 1.702, 7.0)
+    want = reference_moe(x, weights, indices, w, E_, activation, fused)
+    assert got.shape == (T, D) and close(got, want)
+    for g, r in zip(grads_of(got, leaves), grads_of(want, leaves)):
+        assert close(g, r)
+
+
+@pytest.mark.parametrize("T", SIZES)
+@pytest.mark.parametrize("save", [True, False])
+@pytest.mark.parametrize("activation,fused,bias", KINDS)
+def test_expert_ffn_visits_only_live_experts(T, save, activation, fused, bias):
+    """native expert_ffn with most experts empty (and none at all at T = 0): the reference's outputs, and
+    its gradients (experts without rows get exactly zero)."""
+    gen = torch.Generator().manual_seed(T + 100)
+    D, F = 8, 6
+    fused = fused if activation in ("swiglu", "clamped_swiglu") else ""
+    w = expert_weights(E_, D, F, fused, bias, gen)
+    if activation == "gelu":
+        w["w3"], w["b3"] = None, None
+    indices = torch.rand(T, E_, generator=gen).topk(K_, -1).indices
+    x = torch.randn(T, D, generator=gen)
+    x_perm, _, counts = ref.dispatch(x, indices, E_, -1, 0)
+    x_perm.requires_grad_()
+    lists = {r: None if t is None else [t] for r, t in w.items()}
+    args = (*(lists[r] for r in ROLES), activation, fused, 1.702, 7.0)
+    want = ref.expert_ffn(x_perm, counts, *args)
+    plain = [None if t is None else [t.detach()] for t in (w[r] for r in ROLES)]  # as the op gets them
+    y, *saved = native.expert_ffn_forward(x_perm.detach(), counts, *plain, *args[6:], save=save)
+    assert close(y, want)
+    if not save:
+        assert all(t.shape[0] == 0 for t in saved)
+        return
+    grad_y = torch.randn(y.shape, generator=gen)
+    grad_x, grads = native.expert_ffn_backward(grad_y, x_perm.detach(), counts, saved, *plain, *args[6:])
+    leaves = [x_perm] + [w[r] for r in ROLES if w[r] is not None]
+    expected = torch.autograd.grad(want, leaves, grad_y, allow_unused=True)
+    assert close(grad_x, expected[0])
+    for r, e in zip([r for r in ROLES if w[r] is not None], expected[1:]):
+        assert close(grads[r], e), r
+    idle = counts == 0
+    if idle.any():
+        assert not grads["w1"][idle].any() and not grads["w2"][idle].any()
+
+
+def qwen3_block():
+    """A fine-grained Qwen3-MoE block (16 experts, top-4: stacked weights) from a 1-layer model."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_experts=E_, num_experts_per_tok=K_, norm_topk_prob=True, decoder_sparse_step=1,
+                         mlp_only_layers=[], max_position_embeddings=64)
+    return Qwen3MoeForCausalLM(cfg).model.layers[0].mlp
+
+
+@pytest.fixture(scope="module")
+def lifted():
+    block = qwen3_block()
+    fast = moecompile.optimize(block, example_inputs=(torch.randn(2, 8, 32),))
+    layer = moecompile.explain(fast).moe_layers[0]
+    assert layer.rewritten, layer.reason
+    return block, fast, layer.spec
+
+
+def test_select_kernels_enables_decode_for_fine_grained_experts(lifted):
+    _, _, spec = lifted
+    assert 0 < spec.decode_slots <= E_ // 4
+
+
+@pytest.mark.parametrize("T", SIZES)
+@pytest.mark.parametrize("training", [False, True])
+def test_paths_agree_with_original_and_each_other(lifted, T, training, monkeypatch):
+    """The optimized block with the decode path forced on and off: each equal to the original (outputs;
+    input and weight gradients in training), and to each other within fp32 rounding; the path taken is
+    the one decode_slots says."""
+    block, fast, spec = lifted
+    taken = []
+    monkeypatch.setattr(native, "decode_ffn", lambda *a, f=native.decode_ffn: taken.append(1) or f(*a))
+    x = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(T))
+    params = [p for p in block.parameters() if p.requires_grad]
+
+    def run(module, slots):
+        spec.decode_slots = slots
+        module.train(training)
+        xi = x.clone().requires_grad_(training)
+        with torch.set_grad_enabled(training):
+            out = module(xi)
+            out = out[0] if isinstance(out, tuple) else out
+            grads = grads_of(out, [xi] + params) if training else []
+        return out.detach(), grads
+
+    slots = spec.decode_slots
+    try:
+        want, want_g = run(block, 0)
+        taken.clear()
+        results = [run(fast, n) for n in (0, 10 ** 6)]
+        assert len(taken) == 1  # only the forced call took the decode path
+    finally:
+        spec.decode_slots = slots
+    for out, grads in results:
+        assert close(out, want)
+        for g, r in zip(grads, want_g):
+            assert close(g, r, rtol=1e-4)
+    (a, ga), (b, gb) = results
+    assert close(a, b)
+    for g, r in zip(ga, gb):
+        assert close(g, r, rtol=1e-4)
+
+
+def test_decode_path_is_chosen_by_size(lifted):
+    _, _, spec = lifted
+    small = torch.zeros(1, spec.top_k, dtype=torch.long)
+    large = torch.zeros(spec.decode_slots // spec.top_k + 1, spec.top_k, dtype=torch.long)
+    assert lowering.takes_decode_path(spec, small) and not lowering.takes_decode_path(spec, large)
+
+
+def test_no_decode_path_for_per_expert_weights_or_reference_kernels(lifted):
+    """ModuleList experts (nothing stacked to gather from) and kernels='reference' never take it."""
+    from tests.zoo import LoopBank
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 32)
+    fast = moecompile.optimize(LoopBank(e=16, k=2), example_inputs=(x,))
+    assert moecompile.explain(fast).moe_layers[0].spec.decode_slots == 0
+    block, _, _ = lifted
+    fast = moecompile.optimize(block, example_inputs=(x,), kernels="reference")
+    assert moecompile.explain(fast).moe_layers[0].spec.decode_slots == 0
