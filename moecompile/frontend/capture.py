@@ -176,17 +176,13 @@ AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastX
 
 
 def _matmuls_by_param(rec: Recording) -> dict[str, set[str]]:
-    from moecompile.frontend.graph import MATMULS, PASSTHROUGH  # graph.py imports this module
+    from moecompile.frontend.graph import MATMULS, param_read  # graph.py imports this module
     found: dict[str, set[str]] = {}
     for n in rec.graph.nodes:
         if n.op != "call_function" or n.target not in MATMULS:
             continue
-        for a in n.args:
-            while isinstance(a, torch.fx.Node) and a not in rec.params and a.op == "call_function" and \
-                    a.target in PASSTHROUGH:
-                a = a.args[0]
-            if isinstance(a, torch.fx.Node) and a in rec.params:
-                found.setdefault(rec.params[a], set()).add(n.target.name())
+        for name in filter(None, (param_read(rec, a) for a in n.args)):
+            found.setdefault(name, set()).add(n.target.name())
     return found
 
 

@@ -32,6 +32,13 @@ class Unsupported(Exception):
         self.stage = stage
 
 
+def param_read(rec: Recording, n) -> str | None:
+    """The parameter or buffer `n` is (through view-like ops and casts), by name; None if it is none."""
+    while isinstance(n, fx.Node) and n not in rec.params and n.op == "call_function" and n.target in PASSTHROUGH:
+        n = n.args[0]
+    return rec.params.get(n) if isinstance(n, fx.Node) else None
+
+
 def shape(n) -> tuple:
     v = n.meta.get("val") if isinstance(n, fx.Node) else None
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from moecompile.frontend.capture import Recording
-from moecompile.frontend.graph import MATMULS, PASSTHROUGH, Unsupported
+from moecompile.frontend.graph import MATMULS, Unsupported, param_read
 from moecompile.ir.spec import MoESpec, WeightRef
 
 
@@ -21,7 +21,7 @@ def experts_dtype(rec: Recording, spec: MoESpec) -> torch.dtype | None:
     names = {ref.name for refs in vars(spec.weights).values() if refs is not None
              for ref in (refs if isinstance(refs, list) else [refs]) if isinstance(ref, WeightRef)}
     found = {n.meta["val"].dtype for n in rec.graph.nodes
-             if n.op == "call_function" and n.target in MATMULS and _reads(rec, n, names)}
+             if n.op == "call_function" and n.target in MATMULS and any(param_read(rec, a) in names for a in n.args)}
     block_dtype = rec.inputs[0].meta["val"].dtype if rec.inputs else None
     if len(found) > 1:
         raise Unsupported(f"the experts' matmuls compute in several precisions ({', '.join(sorted(map(str, found)))})")
@@ -31,12 +31,3 @@ def experts_dtype(rec: Recording, spec: MoESpec) -> torch.dtype | None:
     if torch.finfo(dtype).bits >= torch.finfo(block_dtype).bits:
         raise Unsupported(f"the experts compute in {dtype}, above the block's own {block_dtype}")
     return dtype
-
-
-def _reads(rec: Recording, matmul, names: set[str]) -> bool:
-    for a in matmul.args:
-        while isinstance(a, torch.fx.Node) and a not in rec.params and a.op == "call_function" and a.target in PASSTHROUGH:
-            a = a.args[0]
-        if isinstance(a, torch.fx.Node) and rec.params.get(a) in names:
-            return True
-    return False
