@@ -10,8 +10,10 @@ Shapes (transformers models, random init, 2 layers, vocab 256):
   qwen3    fine-grained experts: hidden 256, 64 experts of ffn 128, top-8 (Qwen3MoeForCausalLM)
 Rows:
   layer no_grad T   the first layer's MoE block, forward under no_grad on [1, T, hidden], T in 1..256; each
-                    call takes the next of 8 random inputs, so the experts read change from call to call as
-                    in decoding (one input would keep its experts' weights in cache)
+                    call takes the next of 8 random inputs, and the caches are evicted before it (a read of
+                    twice the last-level cache, untimed): in a model the other layers' weights pass through
+                    the caches between two calls of a layer, and in turns the second implementation would
+                    otherwise find the experts the first just read
   layer fwd+bwd T   forward and backward of (out · g).sum(), T in 256, 1024 (gradients cleared, untimed)
   generate B        model.generate: greedy, KV cache, prompt 32, exactly 64 new tokens, batch B; tokens/s
   train 2x64        model(ids, labels=ids).loss.backward() on 2 sequences of 64 tokens
@@ -117,6 +119,14 @@ def layer_floor(block, xs, T, D, F_, E, k, rates, train: bool) -> float:
     return 1e3 * max(bytes_ / rates["bandwidth_Bps"], flops / rates["gemm_flops"])
 
 
+EVICT = torch.empty(16 << 20)  # 64 MiB of fp32: twice this machine's 32 MiB last-level cache
+
+
+def evict_caches() -> None:
+    """Read EVICT (clean lines: nothing to write back during the timed call that follows)."""
+    EVICT.sum()
+
+
 def cycling(fn, xs):
     """A step calling fn on the next input of `xs` each time."""
     state = {"i": 0}
@@ -138,7 +148,7 @@ def layer_rows(shape, model, dims, impls, args, rates, console) -> list[dict]:
         with torch.no_grad():
             ref = [block(x) for x in xs]
             errs = {impl: max(rel_err(fns[impl](x), r) for x, r in zip(xs, ref)) for impl in impls}
-            ms = timed({impl: (cycling(fns[impl], xs), None) for impl in impls}, args.repeats, 3, args.iters)
+            ms = timed({impl: (cycling(fns[impl], xs), evict_caches) for impl in impls}, args.repeats, 3, args.iters)
         rows.append(dict(shape=shape, row=f"layer no_grad {T}", tokens=T, unit="ms", errors=errs,
                          floor_ms=layer_floor(block, xs, T, D, F_, E, k, rates, False), impls=ratios(ms)))
         console.log(f"{shape} layer no_grad {T}: " + _summary(rows[-1]))

@@ -39,7 +39,7 @@ def trying():
 
 def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
              validate: bool = True, tolerance: float = 1e-4, pipeline: str = "default",
-             kernels: str = "auto", mesh=None, placement=None, overlap="off", parallelism: str = "ep",
+             kernels: str = "auto", precision: str = "original", mesh=None, placement=None, overlap="off", parallelism: str = "ep",
              shortcut: str | None = None,
              all_to_all: str = "auto", ranks_per_node: int | None = None,
              num_experts: int | None = None, upcycle_noise: float = 0.0, capacity_factor: float | None = None,
@@ -66,6 +66,10 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
     Kernels:
         kernels: the kernel backend of the MoE ops: "auto" (native on CPU, Triton on CUDA), or "native",
             "triton" or "reference" for every op.
+        precision: "original": every stage of a block (router, experts, combine) computes in the precision
+            the original computes it in, also where it casts below the model's (a bf16 grouped GEMM in an
+            fp32 model); "model": such stages compute in the model's precision instead, finer than the
+            original's rounding (explain() says so per block; validation then allows that rounding's error).
 
     Expert parallelism:
         mesh: a `torch.distributed` DeviceMesh; every rank keeps the experts its "ep" rank owns (E / ep each)
@@ -113,6 +117,8 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
         raise TypeError(f"moecompile.optimize expects a torch.nn.Module, got {type(model).__name__}")
     if kernels != "auto" and kernels not in BACKENDS:
         raise ValueError(f"moecompile.optimize: kernels={kernels!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+    if precision not in ("original", "model"):
+        raise ValueError(f"moecompile.optimize: precision={precision!r}; expected 'original' or 'model'")
     if shortcut not in (None, "scmoe", "dgmoe"):
         raise ValueError(f"moecompile.optimize: shortcut={shortcut!r}; expected None, 'scmoe' or 'dgmoe'")
     if num_experts is not None and (shortcut != "scmoe" or num_experts < 2):
@@ -134,7 +140,8 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
                          "1-D mesh (adaptive parallelism spans the whole mesh: its r = 0 is data parallelism) "
                          "and no shortcut")
     _check_routing("optimize", capacity_factor, batch_prioritized)
-    options = Options(validate=validate, tolerance=tolerance, pipeline=pipeline, kernels=kernels, mesh=mesh,
+    options = Options(validate=validate, tolerance=tolerance, pipeline=pipeline, kernels=kernels, precision=precision,
+                      mesh=mesh,
                       placement=None if placement is None else tuple(placement), overlap=overlap,
                       parallelism=parallelism, all_to_all=all_to_all, ranks_per_node=ranks_per_node,
                       shortcut=shortcut, num_experts=num_experts, upcycle_noise=upcycle_noise,

@@ -9,7 +9,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from moecompile.ir.spec import MoESpec
+from moecompile.ir.spec import MoESpec, dtype_name
+from moecompile.kernels import batched
 
 
 @dataclass
@@ -57,10 +58,11 @@ class MoELayer:
             parts.append("batch-prioritized (no effect: dropless)")
         if s.shared:
             parts.append("shared expert" + (" (gated)" if s.shared_gate else ""))
-        if s.decode_slots >= s.route.top_k:  # ir/lowering.takes_decode_path
-            parts.append(f"calls of ≤ {s.decode_slots // s.route.top_k} tokens: decode path (gather + bmm)")
-        if s.expert.dtype is not None:
-            parts.append(f"experts in {str(s.expert.dtype).removeprefix('torch.')}")
+        parts += _batched_forms(s)
+        stages = {"router": s.route.dtype, "experts": s.expert.dtype, "combine": s.combine_dtype}
+        parts += [f"{stage} in {dtype_name(d)}" for stage, d in stages.items() if d is not None]
+        parts += [f"{stage} in the model's precision, not the original's {dtype_name(d)} (precision='model')"
+                  for stage, d in s.raised_stages]
         parts += [u.describe() for u in s.buffer_updates]
         if s.parallel is not None:
             parts.append(_parallel_details(s.parallel))
@@ -101,15 +103,36 @@ class Report:
         return console.export_text().rstrip()
 
 
+def _batched_forms(s) -> list[str]:
+    """Which calls take the batched forms (ir/lowering.batched_path), by tokens per call."""
+    def calls(slots: int) -> str:
+        tokens = slots // s.route.top_k
+        return "1-token calls" if tokens == 1 else f"calls of ≤ {tokens} tokens"
+    threaded = batched.decode_slots_on_threads(s.num_experts) if s.stacked_path else 0
+    parts = []
+    if max(s.decode_slots, threaded) >= s.route.top_k:
+        one = calls(s.decode_slots) if s.decode_slots >= s.route.top_k else "none"
+        more = f" ({calls(threaded)} on ≥ 2 threads)" if threaded > s.decode_slots else ""
+        parts.append(f"decode path (gather + bmm): {one}{more}")
+    if s.stacked_path:
+        parts.append("on ≥ 2 threads without autograd, one bmm over all experts where most get rows")
+    return parts
+
+
 def _capacity_details(s: MoESpec) -> str:
     """The capacity rule (the block's own or the user's factor), its groups and slot order, and the slots
     routed and dropped: cumulative over training calls and in the last call."""
     own, x = s.capacity, s.routing.capacity_factor
-    rule = f"capacity {own.capacity}" if x is None else f"capacity factor {x:g} (C = " + (
-        f"⌈k·{x:g}·G/E⌉)" if x > 0 else "the call's largest expert load)" if x == 0 else
-        f"the call's largest expert load, at most ⌈k·{-x:g}·G/E⌉)")
+    if x is not None:
+        rule = f"capacity factor {x:g} (C = " + (
+            f"⌈k·{x:g}·G/E⌉)" if x > 0 else "the call's largest expert load)" if x == 0 else
+            f"the call's largest expert load, at most ⌈k·{-x:g}·G/E⌉)")
+    else:
+        rule = _own_rule(own, s.top_k, s.num_experts) if own.factor else f"capacity {own.capacity}"
     if own and own.describe():  # "per sequence", "per 12 tokens"
         rule += " " + own.describe()
+    if own and own.order == "choice":
+        rule += ", first choices before later ones"
     if own and own.dropped == "identity":
         rule += ", dropped tokens pass unchanged"
     if s.routing.batch_prioritized:
@@ -121,6 +144,13 @@ def _capacity_details(s: MoESpec) -> str:
         if d.routed:
             rule += f" ({100 * d.dropped / d.routed:.1f}%)"
     return rule
+
+
+def _own_rule(own, k: int, E: int) -> str:
+    """The block's own capacity rule as read (CapacitySpec.factor, min_capacity), in this k and E."""
+    term = f"⌈{k}·{own.factor:g}·G/{E}⌉"
+    return (f"capacity max({own.min_capacity}, {term})" if own.min_capacity else f"capacity {term}") + \
+        " for G tokens" + ("" if own.describe() else " per call")
 
 
 def _parallel_details(p) -> str:

@@ -12,7 +12,7 @@ import moecompile
 from moecompile.frontend.dispatch_mask import capacity_rule
 from moecompile.frontend.graph import Unsupported
 from moecompile.validation import max_relative_error
-from tests.helpers import assert_same_training_step
+from tests.helpers import assert_same_training_step, expert_parallel_check
 from tests.mask_zoo import LedgerLayer, LedgerRoster
 from tests.zoo import Net, TieredBank
 
@@ -89,8 +89,7 @@ GSHARD = dict(top_k=2, renormalize=True, renormalize_kept=False, later_above=Non
               group="call", balance=1.0, z=0.0, grouped=False)
 MASK_STYLES = {  # name → (layer, what the spec must say)
     "gshard-top2": (lambda: LedgerLayer(e=4, slack=0.5), GSHARD),
-    # capacity per sequence of S: 4 (the floor) for S = 1 and 8, 2S/4 beyond; a rule that does not show in
-    # the block's recordings (a floor binding at all three token counts) would read as a constant
+    # capacity per sequence of S: 4 (the floor) for S = 1 and 8, 2S/4 beyond
     "gshard-top2-per-sequence-groups": (lambda: LedgerLayer(e=4, slack=1.0, grouped=True),
                                         {**GSHARD, "group": "sequence", "grouped": True, "factor": 1.0}),
     "gshard-top2-counts": (lambda: LedgerLayer(e=4, slack=0.5, tally=True), GSHARD),
@@ -128,6 +127,27 @@ def test_dispatch_mask_family_is_lifted_and_equal(style):
     assert s.drops.last_dropped > 0  # the capacity was binding: drops are part of what was compared
 
 
+@pytest.mark.parametrize("grouped,slack,rule", [
+    (False, 0.5, "capacity max(8, ⌈2·0.5·G/4⌉) for G tokens per call, first choices before later ones"),
+    (True, 1.0, "capacity max(8, ⌈2·1·G/4⌉) for G tokens per sequence, first choices before later ones"),
+])
+def test_a_minimum_capacity_that_binds_at_every_recorded_size_is_read_as_the_rule(grouped, slack, rule):
+    """max(8, ⌈2·slack·G/4⌉) is 8 at the recorded size (16 tokens, or sequences of 8), at twice it and at one
+    token per sequence: a constant, as far as those show. A probe where the factor term exceeds the minimum
+    reads the rule; the rewrite is equal where the factor binds (G = 80: 20 and 40 slots), and explain() shows
+    the rule as read."""
+    torch.manual_seed(0)
+    eager = LedgerLayer(e=4, slack=slack, floor=8, grouped=grouped)
+    fast = moecompile.optimize(eager, (torch.randn(2, 8, 32),))
+    (layer,) = moecompile.explain(fast).moe_layers
+    assert layer.rewritten, layer.reason
+    c = layer.spec.capacity
+    assert (c.capacity, c.factor, c.min_capacity, c.group) == (8, slack, 8, "sequence" if grouped else "call")
+    assert f"renorm, {rule}, " in layer.details, layer.details
+    assert_same_step_and_aux(eager, fast, torch.randn(1, 80, 32))
+    assert f"{rule}; last call: capacity {round(2 * slack * 80 / 4)}, dropped " in layer.details, layer.details
+
+
 @pytest.mark.parametrize("points,k,rule", [
     ({16: 10, 32: 20, 2: 4}, 2, (1.25, 4)),    # ⌈2·1.25·T/4⌉, at least 4
     ({16: 8, 32: 16, 2: 1}, 2, (1.0, 0)),      # ⌈2·T/4⌉
@@ -161,41 +181,8 @@ def test_random_policies_stay_original_with_a_reason(policy, reason):
 
 # ---- under expert parallelism ---------------------------------------------------------------------------------
 def _expert_parallel_errors(rank, ws, styles):
-    """Per style, the worst relative error of rank `rank` against one process running the original block on
-    every rank's batch (each rank's capacity is its own call's, as the original's would be on that rank):
-    output, aux loss and every gradient after reduce_gradients."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from moecompile.runtime.expert_parallel import reduce_gradients
-    mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("ep",))
-    errors = {}
-    for style in styles:
-        xs = torch.randn(ws, 2, 12, 32, generator=torch.Generator().manual_seed(1))   # rank r's batch: xs[r]
-        cot = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(2))
-        torch.manual_seed(0)
-        eager = MASK_STYLES[style][0]()
-        losses = []
-        for x in xs:
-            out, aux = eager(x)
-            losses.append((out * cot).mean() + aux)
-            if len(losses) == rank + 1:
-                want_out, want_aux = out.detach(), aux.detach()
-        (sum(losses) / ws).backward()
-        torch.manual_seed(0)
-        fast = moecompile.optimize(MASK_STYLES[style][0](), (xs[rank],), mesh=mesh)
-        (layer,) = moecompile.explain(fast).moe_layers
-        assert layer.rewritten and layer.spec.parallel is not None, layer.reason
-        out, aux = fast(xs[rank])
-        ((out * cot).mean() + aux).backward()
-        reduce_gradients(fast, mesh)
-        worst = max(max_relative_error(out, want_out, want_out), max_relative_error(aux, want_aux, want_aux))
-        local = layer.spec.parallel.local_experts
-        for name, p in fast.named_parameters():
-            g = dict(eager.named_parameters())[name].grad
-            g = g if g.shape == p.shape else g[local.start:local.stop]
-            worst = max(worst, max_relative_error(p.grad, g, g))
-        errors[style] = worst
-    return errors
+    """Per style, the worst relative error of rank `rank` against one process (helpers.expert_parallel_check)."""
+    return {style: max(expert_parallel_check(rank, ws, MASK_STYLES[style][0])[0].values()) for style in styles}
 
 
 def test_dispatch_mask_family_under_expert_parallelism():

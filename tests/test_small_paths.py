@@ -1,13 +1,13 @@
-"""The small-size paths (issue 17): the expert FFN visiting only experts that got rows, and the decode path
-(kernels/native.py decode_ffn, chosen per call by lowering.takes_decode_path from spec.decode_slots). Both
-must give the reference's outputs and gradients at 0, 1, k, E and many tokens, and the choice between the
-paths must not change results beyond fp32 rounding. No timings here (benchmarks/small.py)."""
+"""The small-size paths: the expert FFN visiting only experts that got rows, and the batched forms
+(kernels/batched.py decode_ffn and stacked_ffn, chosen per call by lowering.batched_path). Each must give the
+reference's outputs and gradients at 0, 1, k, E and many tokens, and the choice between the paths must not
+change results beyond fp32 rounding. No timings here (benchmarks/small.py)."""
 import pytest
 import torch
 
 import moecompile
 from moecompile.ir import lowering
-from moecompile.kernels import native
+from moecompile.kernels import batched, native
 from moecompile.kernels import reference as ref
 
 ROLES = ("w1", "w2", "w3", "b1", "b2", "b3")
@@ -52,8 +52,10 @@ KINDS = [("swiglu", "halves", False), ("swiglu", "", True), ("gelu", "", False),
 
 @pytest.mark.parametrize("T", SIZES)
 @pytest.mark.parametrize("activation,fused,bias", KINDS)
-def test_decode_ffn_matches_reference(T, activation, fused, bias):
-    """decode_ffn's output and, by autograd, its gradients (input, routing weights, every expert weight)."""
+@pytest.mark.parametrize("form", ["decode", "stacked"])
+def test_batched_forms_match_reference(T, activation, fused, bias, form):
+    """decode_ffn's and stacked_ffn's output and, by autograd, their gradients (input, routing weights,
+    every expert weight)."""
     gen = torch.Generator().manual_seed(T)
     D, F = 8, 6
     fused = fused if activation in ("swiglu", "clamped_swiglu") else ""
@@ -64,8 +66,12 @@ def test_decode_ffn_matches_reference(T, activation, fused, bias):
     weights = torch.rand(T, K_, generator=gen).requires_grad_()
     indices = torch.rand(T, E_, generator=gen).topk(K_, -1).indices
     leaves = [x, weights] + [t for t in w.values() if t is not None]
-    got = native.decode_ffn(x, weights, indices, *([t] if t is not None else None for t in w.values()),
-                            activation, fused, 1.702, 7.0)
+    stacked = [[t] if t is not None else None for t in w.values()]
+    if form == "decode":
+        got = batched.decode_ffn(x, weights, indices, *stacked, activation, fused, 1.702, 7.0)
+    else:
+        counts = torch.bincount(indices.flatten(), minlength=E_)
+        got = batched.stacked_ffn(x, weights, indices, counts, *stacked, activation, fused, 1.702, 7.0)
     want = reference_moe(x, weights, indices, w, E_, activation, fused)
     assert got.shape == (T, D) and close(got, want)
     for g, r in zip(grads_of(got, leaves), grads_of(want, leaves)):
@@ -134,20 +140,25 @@ def test_select_kernels_enables_decode_for_fine_grained_experts(lifted):
     assert 0 < spec.decode_slots <= E_ // 4
 
 
+def test_select_kernels_allows_the_stacked_form_for_stacked_native_experts(lifted):
+    assert lifted[2].stacked_path
+
+
+FORMS = {"canonical": lambda spec, indices: (None, None), "decode": lambda spec, indices: ("decode", None),
+         "stacked": lambda spec, indices: ("stacked", torch.bincount(indices.flatten(), minlength=spec.num_experts))}
+
+
 @pytest.mark.parametrize("T", SIZES)
 @pytest.mark.parametrize("training", [False, True])
 def test_paths_agree_with_original_and_each_other(lifted, T, training, monkeypatch):
-    """The optimized block with the decode path forced on and off: each equal to the original (outputs;
-    input and weight gradients in training), and to each other within fp32 rounding; the path taken is
-    the one decode_slots says."""
+    """The optimized block with each path forced (the canonical ops, decode_ffn, stacked_ffn): each equal
+    to the original (outputs; input and weight gradients in training), and to each other within fp32
+    rounding."""
     block, fast, spec = lifted
-    taken = []
-    monkeypatch.setattr(native, "decode_ffn", lambda *a, f=native.decode_ffn: taken.append(1) or f(*a))
     x = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(T))
     params = [p for p in block.parameters() if p.requires_grad]
 
-    def run(module, slots):
-        spec.decode_slots = slots
+    def run(module):
         module.train(training)
         xi = x.clone().requires_grad_(training)
         with torch.set_grad_enabled(training):
@@ -156,38 +167,56 @@ def test_paths_agree_with_original_and_each_other(lifted, T, training, monkeypat
             grads = grads_of(out, [xi] + params) if training else []
         return out.detach(), grads
 
-    slots = spec.decode_slots
-    try:
-        want, want_g = run(block, 0)
-        taken.clear()
-        results = [run(fast, n) for n in (0, 10 ** 6)]
-        assert len(taken) == 1  # only the forced call took the decode path
-    finally:
-        spec.decode_slots = slots
+    want, want_g = run(block)
+    results = []
+    for form, choose in FORMS.items():
+        monkeypatch.setattr(lowering, "batched_path", choose)
+        results.append(run(fast))
     for out, grads in results:
         assert close(out, want)
         for g, r in zip(grads, want_g):
             assert close(g, r, rtol=1e-4)
-    (a, ga), (b, gb) = results
-    assert close(a, b)
-    for g, r in zip(ga, gb):
-        assert close(g, r, rtol=1e-4)
+    (a, ga), *others = results
+    for b, gb in others:
+        assert close(a, b)
+        for g, r in zip(ga, gb):
+            assert close(g, r, rtol=1e-4)
 
 
-def test_decode_path_is_chosen_by_size(lifted):
+def test_batched_path_is_chosen_by_size_threads_and_autograd(lifted, monkeypatch):
+    """decode_ffn up to decode_slots slots; stacked_ffn where it pays, only without autograd and on more
+    than one thread; the canonical ops otherwise."""
     _, _, spec = lifted
-    small = torch.zeros(1, spec.top_k, dtype=torch.long)
-    large = torch.zeros(spec.decode_slots // spec.top_k + 1, spec.top_k, dtype=torch.long)
-    assert lowering.takes_decode_path(spec, small) and not lowering.takes_decode_path(spec, large)
+    k = spec.top_k
+    decode = torch.zeros(1, k, dtype=torch.long)
+    spread = torch.arange(E_ * 2).remainder(E_).view(-1, k)  # every expert twice: pays
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with torch.no_grad():
+        assert lowering.batched_path(spec, decode) == ("decode", None)
+        form, counts = lowering.batched_path(spec, spread)
+        assert form == "stacked" and counts.tolist() == [2] * E_
+        assert lowering.batched_path(spec, torch.zeros(E_, k, dtype=torch.long)) == (None, None)  # one expert
+    assert lowering.batched_path(spec, spread) == (None, None)  # autograd on
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    with torch.no_grad():
+        assert lowering.batched_path(spec, spread) == (None, None)
 
 
-def test_no_decode_path_for_per_expert_weights_or_reference_kernels(lifted):
-    """ModuleList experts (nothing stacked to gather from) and kernels='reference' never take it."""
+def test_stacked_pays_where_most_experts_get_rows_and_padding_is_small():
+    assert batched.stacked_pays([2] * 8, 16)                 # all experts, no padding
+    assert not batched.stacked_pays([1, 1, 1, 0, 0, 0, 0, 0], 3)   # few experts
+    assert not batched.stacked_pays([9, 1, 1, 1, 1, 1, 1, 1], 16)  # padding 4.5x the rows
+
+
+def test_no_batched_forms_for_per_expert_weights_or_reference_kernels(lifted):
+    """ModuleList experts (nothing stacked to gather from) and kernels='reference' never take them."""
     from tests.zoo import LoopBank
     torch.manual_seed(0)
     x = torch.randn(1, 4, 32)
     fast = moecompile.optimize(LoopBank(e=16, k=2), example_inputs=(x,))
-    assert moecompile.explain(fast).moe_layers[0].spec.decode_slots == 0
+    spec = moecompile.explain(fast).moe_layers[0].spec
+    assert spec.decode_slots == 0 and not spec.stacked_path
     block, _, _ = lifted
     fast = moecompile.optimize(block, example_inputs=(x,), kernels="reference")
-    assert moecompile.explain(fast).moe_layers[0].spec.decode_slots == 0
+    spec = moecompile.explain(fast).moe_layers[0].spec
+    assert spec.decode_slots == 0 and not spec.stacked_path

@@ -103,13 +103,14 @@ class BiasedBank(nn.Module):
 
 class SortedBank(nn.Module):
     """Softmax top-2 renormalised over stacked SwiGLU weights (fused halves), tokens sorted by worker and run
-    as one grouped GEMM. `narrow` runs that GEMM in that dtype inside the block (inputs and weights cast
-    down, results cast back); `tally` adds each call's per-worker slot counts to a buffer in training mode,
-    as auxiliary-loss-free balancing does."""
+    as one grouped GEMM. `narrow` runs the `stages` named in that dtype inside the block (inputs and weights
+    cast down, results cast back): "experts" the grouped GEMMs, "router" the scorer's matmul, "combine" the
+    weighting and summing of the workers' outputs. `tally` adds each call's per-worker slot counts to a
+    buffer in training mode, as auxiliary-loss-free balancing does."""
 
-    def __init__(self, d=32, f=64, e=4, k=2, narrow: torch.dtype | None = None, tally=False):
+    def __init__(self, d=32, f=64, e=4, k=2, narrow: torch.dtype | None = None, stages=("experts",), tally=False):
         super().__init__()
-        self.k, self.e, self.narrow, self.tally = k, e, narrow, tally
+        self.k, self.e, self.narrow, self.stages, self.tally = k, e, narrow, stages, tally
         self.scorer = nn.Linear(d, e, bias=False)
         self.up = nn.Parameter(torch.randn(e, d, 2 * f) * d**-0.5)           # [E, D, 2F]
         self.down = nn.Parameter(torch.randn(e, f, d) * f**-0.5)             # [E, F, D]
@@ -119,19 +120,25 @@ class SortedBank(nn.Module):
     def forward(self, x):
         B, S, D = x.shape
         x = x.reshape(-1, D)                                                  # [T, D]
-        w, idx = self.scorer(x).softmax(-1).topk(self.k, dim=-1)             # [T, K]
+        dt = {stage: self.narrow if self.narrow and stage in self.stages else x.dtype
+              for stage in ("router", "experts", "combine")}
+        if dt["router"] == x.dtype:
+            logits = self.scorer(x)                                           # [T, E]
+        else:
+            logits = F.linear(x.to(dt["router"]), self.scorer.weight.to(dt["router"])).float()
+        w, idx = logits.softmax(-1).topk(self.k, dim=-1)                     # [T, K]
         w = w / w.sum(-1, keepdim=True)
         order = idx.reshape(-1).argsort(stable=True)                         # [T·K]
         counts = torch.bincount(idx.reshape(-1), minlength=self.e)           # [E]
         if self.tally and self.training:
             self.seen.add_(counts.float())
         offs = counts.cumsum(0).to(torch.int32)
-        dt = self.narrow or x.dtype
-        h = torch._grouped_mm(x[order // self.k].to(dt), self.up.to(dt), offs=offs)  # [T·K, 2F]
+        h = torch._grouped_mm(x[order // self.k].to(dt["experts"]), self.up.to(dt["experts"]), offs=offs)  # [T·K, 2F]
         a, b = h.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(a) * b, self.down.to(dt), offs=offs).to(x.dtype)  # [T·K, D]
-        y = y * w.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, order // self.k, y).view(B, S, D)
+        y = torch._grouped_mm(F.silu(a) * b, self.down.to(dt["experts"]), offs=offs).to(x.dtype)  # [T·K, D]
+        y = y.to(dt["combine"]) * w.reshape(-1)[order, None].to(dt["combine"])
+        out = torch.zeros_like(x, dtype=dt["combine"]).index_add_(0, order // self.k, y)
+        return out.to(x.dtype).view(B, S, D)
 
 
 class TieredBank(nn.Module):

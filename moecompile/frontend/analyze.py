@@ -26,9 +26,9 @@ import torch
 from torch import fx
 
 from moecompile._lazy import nx
-from moecompile.frontend.capture import SELECTIONS, Recording, record
-from moecompile.frontend.dispatch_mask import (capacity_rule, is_first_choice_count, mask_products, read_aux,
-                                               read_mask_dispatch, recorded_capacities, refuse_random_in_training)
+from moecompile.frontend.capture import SELECTIONS, Recording
+from moecompile.frontend.dispatch_mask import (capacities_at, capacity_rule, is_first_choice_count, mask_products,
+                                               read_aux, read_mask_dispatch, refuse_random_in_training)
 from moecompile.frontend.experts import read_experts
 from moecompile.frontend.graph import MATMULS, TRANSPOSES, Reader, Unsupported, matmul_operands, shape
 from moecompile.frontend.groups import read_groups
@@ -108,7 +108,7 @@ def _mask_spec(g: Reader, block, x, router_mm, router_name, sels, routed, dense)
         def per_group(s):  # tokens per capacity group of hidden states of shape s: what the rule reads
             return s[-2] if groups["group"] == "sequence" else groups.get("group_size") or math.prod(s[:-1])
         group = per_group(shape(x))
-        factor, floor = capacity_rule(_capacities_at(g, block, {group: m.capacity}, per_group), m.top_k, E)
+        factor, floor = capacity_rule(capacities_at(g, block, {group: m.capacity}, per_group, m.top_k, E), m.top_k, E)
         capacity = CapacitySpec(m.capacity, order="choice", factor=factor, min_capacity=floor, **groups)
     expert, weights = read_experts(g, m.experts, E, D)
     shared, (shared_gate, shared_gate_bias) = _shared(g, dense, block, D)
@@ -130,25 +130,6 @@ def _mask_spec(g: Reader, block, x, router_mm, router_name, sels, routed, dense)
     return MoESpec(hidden=D, route=route, expert=expert, router=WeightRef(router_name), weights=weights,
                    router_bias=_bias_of(g, router_mm), capacity=capacity, shared=shared, shared_gate=shared_gate,
                    shared_gate_bias=shared_gate_bias, outputs=tuple(names), aux=aux)
-
-
-def _capacities_at(g: Reader, block, points: dict[int, int], per_group) -> dict[int, int]:
-    """Tokens per capacity group → capacity: the recorded call's, and the block's re-recorded at twice and at
-    one token per sequence (when its input is the hidden states alone): where the rule for other calls is
-    read from."""
-    if len(g.rec.inputs) != 1:
-        return points
-    xv = g.rec.inputs[0].meta["val"]
-    dim = -2 if xv.dim() > 2 else 0
-    for other in (torch.cat([xv, xv], dim), xv.narrow(dim, 0, 1)):
-        try:
-            again = Reader(record(block, (other,), {}), g.names)
-        except Exception:  # the block takes more than its hidden states: one call's capacity it is
-            return points
-        found = recorded_capacities(again)
-        if len(found) == 1:
-            points[per_group(tuple(other.shape))] = found.pop()
-    return points
 
 
 def _find_selection(g: Reader, D: int):

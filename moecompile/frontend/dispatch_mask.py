@@ -227,6 +227,44 @@ def _threshold(g: Reader, choices, tests, dispatch) -> float | None:
 
 
 # ---- the capacity rule: the capacity read at other token counts ---------------------------------------------
+PROBE_SHARE = 4      # the probe's even share of slots per expert, in capacities: a factor of 1/4 or more shows
+PROBE_TOKENS = 2048  # the most tokens per group the probe takes (its recording keeps every value it computes)
+
+
+def capacities_at(g: Reader, block, points: dict[int, int], per_group, top_k: int, E: int) -> dict[int, int]:
+    """Tokens per capacity group → capacity: the recorded call's (`points`, one), and the block's re-recorded
+    at twice and at one token per sequence (when its input is the hidden states alone), where the rule for
+    other calls is read from. When those agree, once more at a size whose even share of slots per expert,
+    k·G/E, is PROBE_SHARE times that capacity: a minimum capacity that binds at every size recorded so far
+    (max(minimum, ⌈k·factor·G/E⌉) at small G) would otherwise read as a constant."""
+    if len(g.rec.inputs) != 1:
+        return points
+    xv = g.rec.inputs[0].meta["val"]
+    dim = -2 if xv.dim() > 2 else 0
+
+    def at(copies: int | None) -> bool:  # the capacity on xv repeated (None: cut to one token); False: not run
+        other = xv.narrow(dim, 0, 1) if copies is None else torch.cat([xv] * copies, dim)
+        try:
+            again = Reader(record(block, (other,), {}), g.names)
+        except Exception:  # the block takes more than its hidden states, or not this many: what was read it is
+            return False
+        found = recorded_capacities(again)
+        if len(found) == 1:
+            points[per_group(tuple(other.shape))] = found.pop()
+        return True
+
+    ((group, capacity),) = points.items()
+    if not (at(2) and at(None)) or len(set(points.values())) > 1:
+        return points
+    copies = math.ceil(PROBE_SHARE * capacity * E / (top_k * max(group, 1)))
+    probe = list(xv.shape)
+    probe[dim] *= copies
+    if copies > 2 and group < per_group(tuple(probe)) <= PROBE_TOKENS:  # (a fixed group does not grow)
+        at(copies)
+    return points
+
+
+# ---- the capacity rule ---------------------------------------------------------------------------------------
 def capacity_rule(points: dict[int, int], top_k: int, E: int) -> tuple[float, int]:
     """(factor, min_capacity) with max(min_capacity, ⌈k·factor·T/E⌉) = C at every (T, C) of `points`, the
     factor the simplest fraction that does; (0, 0) when C does not change with T (a constant capacity)."""

@@ -11,7 +11,7 @@ from torch import nn
 from moecompile.ir import ops
 from moecompile.ir.choices import ChoiceRows, aux_loss, by_choice, renormalize_kept
 from moecompile.ir.spec import CapacitySpec, MoESpec
-from moecompile.kernels import native
+from moecompile.kernels import batched
 
 
 def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
@@ -39,6 +39,8 @@ class Routed:
     capacity: CapacitySpec | None = None  # the capacity this call ran with (call_capacity)
     flight: object = None         # runtime.expert_parallel.Flight, rows already sent (shortcut + expert parallel)
     layout: ChoiceRows | None = None  # the [T, k] choices when the slots above are rows in GShard's order
+    batched: str | None = None    # "decode" or "stacked": the experts run as batched matmuls (batched_path)
+    combine_dtype: torch.dtype | None = None  # the precision the block weights and sums in (MoESpec.combine_dtype)
 
 
 def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid: torch.Tensor | None = None
@@ -55,8 +57,7 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
             # its hooks record what it returns (Hugging Face collects router logits for the aux loss
             # this way): call it so they see the same values; the routing below is still ours
             router(tokens if spec.router_module_flat else routed_in)
-    router_b = spec.router_bias.get(block) if spec.router_bias else None
-    logits = F.linear(tokens, spec.router.get(block), router_b)                  # [T, E]
+    logits = router_logits(spec, block, tokens)                                  # [T, E]
     score_bias = spec.score_bias.get(block) if spec.score_bias else None
     if score_bias is not None and r.n_group > 1 and r.group_fill == "exclude":
         # the route op sets the experts of groups not kept to 0; they are excluded (-inf) as in the block
@@ -74,8 +75,10 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
     for update in spec.buffer_updates:  # e.g. the per-expert counts of auxiliary-loss-free balancing
         update.apply(block, indices)
     cap = call_capacity(spec, indices, routed_in.shape)
-    if cap is None and takes_decode_path(spec, indices):  # no rows to dispatch: finish_routed runs decode_ffn
-        return Routed(tokens, logits, weights, indices, None, None, None)
+    if cap is None:
+        form, counts = batched_path(spec, indices)
+        if form is not None:  # no rows to dispatch: finish_routed runs the batched form
+            return Routed(tokens, logits, weights, indices, None, None, counts, batched=form)
     priority, layout = None, None
     if cap and cap.order == "choice":  # GShard: slots as rows in the order it takes capacity (ir/choices.py)
         layout, tokens, indices, weights, cap, priority = by_choice(tokens, indices, weights, cap, r.later_above)
@@ -90,7 +93,8 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
         spec.expert_load += counts
     if cap and not ops._tracing([x_perm]):  # eager: N is a host int already (no sync)
         spec.drops.record(indices.numel(), x_perm.shape[0], cap.capacity, torch.is_grad_enabled())
-    routed = Routed(tokens, logits, weights, indices, order, x_perm, counts, cap, layout=layout)
+    routed = Routed(tokens, logits, weights, indices, order, x_perm, counts, cap, layout=layout,
+                    combine_dtype=spec.combine_dtype)
     if spec.parallel is not None and spec.shortcut is not None:
         routed.flight = spec.parallel.start(x_perm, counts, capacity_rows(cap, tokens.shape[0]) if cap else None)
         routed.flight.send_all()
@@ -106,8 +110,8 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
     shared = functools.partial(shared_expert, spec, block, current) if spec.shared is not None else None
     out, shared_out = None, None
     for b, routed in enumerate(branches):
-        if routed.x_perm is None:  # the decode path (begin_routed chose it)
-            part = decode_experts(spec, block, routed)                            # [T, D]
+        if routed.batched:  # begin_routed chose a batched form
+            part = batched_experts(spec, block, routed)                           # [T, D]
             out = part if out is None else out + part
             continue
         tokens, x_perm, counts, cap = routed.tokens, routed.x_perm, routed.counts, routed.capacity
@@ -141,22 +145,52 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
     return picked[0] if len(picked) == 1 else picked
 
 
-def takes_decode_path(spec: MoESpec, indices: torch.Tensor) -> bool:
-    """Whether this call's routing `indices` [T, k] runs the experts by decode_ffn (kernels/native.py: each
-    slot gathers its expert's weights, batched matmuls, no dispatch) instead of dispatch, expert_ffn and
-    combine: at most `spec.decode_slots` slots (select_kernels sets it per block), in eager (a traced graph
-    keeps the canonical ops), and none of what decode_ffn does not do: expert parallelism, a load counter,
-    experts computed in a precision of their own, autocast. A capacity is checked by the caller."""
-    return (0 < spec.decode_slots >= indices.numel() and spec.parallel is None and spec.expert_load is None
-            and spec.expert.dtype is None and autocasting(indices) is None and not ops._tracing([indices]))
+def batched_path(spec: MoESpec, indices: torch.Tensor) -> tuple[str | None, torch.Tensor | None]:
+    """Whether this call's routing `indices` [T, k] runs the experts as batched matmuls instead of dispatch,
+    expert_ffn and combine (kernels/batched.py), as (form, counts); (None, None): the canonical ops.
+      "decode"   decode_ffn (each slot gathers its expert's weights) for at most `spec.decode_slots`
+                 slots; on CPU with two or more threads (`spec.stacked_path`) for at most a quarter of the
+                 experts' slots whatever their size: the gather and the bmm use every thread, where
+                 the grouped path's one-row GEMMs run on one (batched.decode_slots_on_threads);
+      "stacked"  stacked_ffn, with the per-expert row counts [E], without autograd, on two or more
+                 threads where `spec.stacked_path` allows it and batched.stacked_pays says it pays (with
+                 autograd its padded backward lost to the grouped one: 40 vs 27 ms a Mixtral-like layer
+                 at 64 tokens).
+    Only in eager (a traced graph keeps the canonical ops), and never with what the batched forms do not
+    do: expert parallelism, a load counter, experts or a combine computed in a precision of their own (the
+    batched forms combine in the experts' precision), autocast. A capacity is checked by the caller."""
+    slots = indices.numel()
+    if (not slots or spec.parallel is not None or spec.expert_load is not None or spec.expert.dtype is not None
+            or spec.combine_dtype is not None or autocasting(indices) is not None or ops._tracing([indices])):
+        return None, None
+    threads = torch.get_num_threads() if spec.stacked_path else 1
+    if slots <= spec.decode_slots or (threads > 1 and slots <= batched.decode_slots_on_threads(spec.num_experts)):
+        return "decode", None
+    if threads > 1 and not torch.is_grad_enabled():
+        counts = torch.bincount(indices.flatten(), minlength=spec.num_experts)          # [E]
+        if batched.stacked_pays(counts.tolist(), slots):
+            return "stacked", counts
+    return None, None
 
 
-def decode_experts(spec: MoESpec, block: nn.Module, routed: Routed) -> torch.Tensor:
-    """The routed experts' weighted sum for each token [T, D], by decode_ffn (takes_decode_path)."""
+def batched_experts(spec: MoESpec, block: nn.Module, routed: Routed) -> torch.Tensor:
+    """The routed experts' weighted sum for each token [T, D], by the batched form begin_routed chose
+    (batched_path)."""
     w, ex = expert_weights(spec, block), spec.expert
-    return native.decode_ffn(routed.tokens, routed.weights, routed.indices, w["w1"], w["w2"], w["w3"] or None,
-                             w["b1"] or None, w["b2"] or None, w["b3"] or None, ex.activation, ex.fused, ex.alpha,
-                             ex.limit)
+    weights = [w[r] or None for r in ("w1", "w2", "w3", "b1", "b2", "b3")]
+    ffn = (ex.activation, ex.fused, ex.alpha, ex.limit)
+    if routed.batched == "decode":
+        return batched.decode_ffn(routed.tokens, routed.weights, routed.indices, *weights, *ffn)
+    return batched.stacked_ffn(routed.tokens, routed.weights, routed.indices, routed.counts, *weights, *ffn)
+
+
+def router_logits(spec: MoESpec, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [T, D] → logits [T, E], in the precision the block computes them in (RouteSpec.dtype: input,
+    weight and bias cast down and the result back up, as the block's own casts do)."""
+    w, b, dtype = spec.router.get(block), spec.router_bias.get(block) if spec.router_bias else None, spec.route.dtype
+    if dtype is None or tokens.dtype == dtype:
+        return F.linear(tokens, w, b)
+    return F.linear(tokens.to(dtype), w.to(dtype), None if b is None else b.to(dtype)).to(tokens.dtype)
 
 
 def flat_tokens(spec: MoESpec, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -223,13 +257,27 @@ def expert_ffn(spec: MoESpec, w: dict, rows: torch.Tensor, rows_per_expert: torc
 def combine(y_perm: torch.Tensor, routed: "Routed", fill: torch.Tensor | None, backend: str) -> torch.Tensor:
     """Σ_k weight · expert output per token (ops.combine). Under torch.autocast as the original's weighting and
     sum, which are elementwise ops and index_add (no autocast): in the promoted dtype of the expert outputs
-    and the fp32 routing weights, not in autocast's lower precision (the kernels' bmm would be cast)."""
+    and the fp32 routing weights, not in autocast's lower precision (the kernels' bmm would be cast). A block
+    that casts its combine to a precision of its own (`combine_dtype`) does so under autocast too."""
+    if routed.combine_dtype is not None and fill is None:  # (the frontend reads no block that passes dropped
+        return weighted_sum(y_perm, routed, routed.combine_dtype)  # tokens through and combines below its precision)
     device = autocasting(y_perm)
     if device is not None:
         y_perm = y_perm.to(torch.promote_types(y_perm.dtype, routed.weights.dtype))
         with torch.autocast(device, enabled=False):
             return ops.call(ops.combine, y_perm, routed.order, routed.weights, fill, backend)
     return ops.call(ops.combine, y_perm, routed.order, routed.weights, fill, backend)
+
+
+def weighted_sum(y_perm: torch.Tensor, routed: "Routed", dtype: torch.dtype) -> torch.Tensor:
+    """Σ_k weight · expert output per token [T, D] in `dtype`, rounding as a block that weights and sums its
+    experts' outputs in that precision does: each row times its weight, rounded, then added to its token's
+    sum one row after another in expert order (index_add_ per expert), where the canonical combine rounds
+    only the sum. Plain torch: autograd differentiates it."""
+    k = routed.weights.shape[1]
+    w = routed.weights.reshape(-1)[routed.order].to(dtype)                      # [N] each row's weight
+    out = y_perm.new_zeros(routed.weights.shape[0], y_perm.shape[1], dtype=dtype)
+    return out.index_add_(0, routed.order // k, y_perm.to(dtype) * w.unsqueeze(-1))
 
 
 # ---- torch.autocast ------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ class RouteSpec:
                                       # this (GShard's "threshold" second-expert policy); None: always
     renormalize_kept: bool = False    # weights renormalized over the choices capacity kept (instead of
                                       # `renormalize`, over all k before drops)
+    dtype: torch.dtype | None = None  # the precision the block computes its router's logits in, below its
+                                      # own (None: its own); frontend/precision.py
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,11 @@ class CapacitySpec:
 CAPACITY_GROUPS = ("call", "fixed", "sequence")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """How reports name a precision: "bfloat16" for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class AuxLossSpec:
     """The auxiliary loss a block returns ("aux" in MoESpec.outputs), from its router logits [T, E] and each
@@ -180,8 +187,9 @@ class WeightRef:
     stacked: bool = False
 
     def get(self, module: nn.Module) -> torch.Tensor:
-        owner, _, attr = self.name.rpartition(".")
-        w = getattr(module.get_submodule(owner), attr)  # a parameter or a buffer (score bias)
+        w = module
+        for part in self.name.split("."):  # plain getattr: get_submodule's checks cost ~6 µs a call at decode
+            w = getattr(w, part)           # sizes, where each block fetches every weight on every call
         if self.index:
             w = w[((slice(None),) if self.stacked else ()) + self.index]
         return w.transpose(-2, -1) if self.transpose else w
@@ -235,6 +243,8 @@ class MoESpec:
     kernels: dict[str, str] = field(default_factory=lambda: dict.fromkeys(OPS, "native"))  # op → backend
     decode_slots: int = 0              # eager calls with tokens·k ≤ this take the decode path (kernels'
                                        # decode_ffn), set by select_kernels; 0: never
+    stacked_path: bool = False         # eager CPU calls may take kernels' stacked_ffn where it pays (set by
+                                       # select_kernels: stacked weights, native kernels)
     parallel: object | None = None     # runtime.expert_parallel.ExpertParallel, set by the expert_parallel pass
     shortcut: object | None = None     # passes.shortcut.Tap: the routed branch's input (ScMoE), else x itself
     expert_load: torch.Tensor | None = None  # [E] token-expert assignments counted in training forwards, when set
@@ -244,6 +254,10 @@ class MoESpec:
     notes: list[str] = field(default_factory=list)
     aux: AuxLossSpec | None = None     # what the "aux" output is, when the block returns one
     buffer_updates: tuple = ()         # ir/buffer_updates.BufferUpdate: what the block adds to its buffers
+    combine_dtype: torch.dtype | None = None  # the precision the block weights and sums its experts' outputs
+                                              # in, below its own (None: its own); frontend/precision.py
+    raised_stages: tuple = ()          # (stage, dtype) the original computes in and the rewrite computes in the
+                                       # block's own precision instead: optimize(precision="model")
     input_dims: int | None = None      # the number of dims the block's hidden states must have (None: any ≥ 1)
 
     @property

@@ -327,34 +327,6 @@ def _clamped_swiglu_backward_into(grad_g, grad_u, grad_h, g, u, alpha, limit):
     torch.mul(grad_h * (u.clamp(-limit, limit) + 1), d_glu, out=grad_g)
 
 
-# ---- decode: few (token, expert) slots against many experts ----------------------------------------------
-def decode_ffn(x, weights, indices, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
-    """dispatch + expert_ffn + combine in one, for calls with few slots: x [T, D], routing weights and
-    indices [T, k] → out [T, D] = Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]).
-
-    Each slot gathers its expert's weights (stacked [E, ...] weights only) and all slots run as batched
-    matmuls: no sort, no per-expert visits, no host read of the routing (static shapes, no sync: what a
-    CUDA graph needs). It copies T·k experts' weights, so it pays only where that is small against a visit
-    per expert (passes/select_kernels.py decides). Plain torch: autograd differentiates it (a weight's
-    gradient comes back through index_select's backward, an index_add into a zero [E, ...] buffer)."""
-    T, k = indices.shape
-    flat = indices.flatten()                                                              # [N] N = T·k
-    rows = x.unsqueeze(1).expand(T, k, x.shape[1]).reshape(T * k, 1, x.shape[1])          # [N, 1, D]
-    g1 = _gathered_linear(rows, w1, b1, flat)                                             # [N, 1, F1]
-    u = _gathered_linear(rows, w3, b3, flat) if w3 is not None else None                  # [N, 1, F]
-    h = expert_activation(*split_gate_up(g1, u, fused), activation, alpha, limit)         # [N, 1, F]
-    y = _gathered_linear(h, w2, b2, flat).view(T, k, x.shape[1])                          # [T, k, D]
-    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)                      # [T, D]
-
-
-def _gathered_linear(rows, w, b, flat):
-    """rows [N, 1, in] → [N, 1, out]: row n times expert flat[n]'s weight (stacked [E, out, in]), + bias."""
-    wt = w[0].index_select(0, flat).transpose(1, 2)                                       # [N, in, out]
-    if b is None:
-        return torch.bmm(rows, wt)
-    return torch.baddbmm(b[0].index_select(0, flat).unsqueeze(1), rows, wt)
-
-
 # ---- combine ---------------------------------------------------------------------------------------------
 def combine_forward(y_perm, order, weights, fill):
     """out[t] = Σ_j weights[t, j] · y(slot t·k+j), as one batched [1, k] × [k, D] matmul per token."""

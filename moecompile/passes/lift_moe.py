@@ -10,24 +10,23 @@ Invariants: parameters are the original `Parameter` objects (views taken per cal
 Pseudo-code:
     for site in sites:
         for module in site.stack innermost → outwards (at most 3 levels, never spanning two sites):
-            try: spec = analyze(record(module, its inputs)); spec.expert.dtype = the experts' precision;
-                  spec.buffer_updates = its buffer additions; break
+            try: spec = analyze(record(module, its inputs)); the precision of its router, experts and
+                  combine (or, with precision="model", what the original rounds to); spec.buffer_updates =
+                  its buffer additions; break
             except Unsupported as e: keep the most advanced failure
         if spec: install run_moe(spec); ctx.lifted += (layer, block, original forward, recorded inputs)
         report(name, E, k, scoring, rewritten, reason)
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
 from torch import nn
 
-from moecompile.frontend import buffer_updates
+from moecompile.frontend import buffer_updates, precision
 from moecompile.frontend.analyze import Unsupported, analyze
 from moecompile.frontend.capture import Site, record
-from moecompile.frontend.precision import experts_dtype
 from moecompile.ir.lowering import run_moe
 from moecompile.ir.spec import RoutingOverride
 from moecompile.passes.registry import CompileContext, InstalledForward, Lifted, register_pass
@@ -68,9 +67,7 @@ def _lift_site(ctx: CompileContext, site: Site, others: list[Site]) -> MoELayer 
             continue
         try:
             spec = analyze(recording, block)
-            spec.expert = dataclasses.replace(spec.expert, dtype=experts_dtype(recording, spec))
-            if spec.expert.dtype is not None:
-                spec.notes.append(f"experts computed in {spec.expert.dtype}, as the block casts them")
+            precision.read(recording, spec, ctx.options.precision)
             spec.buffer_updates = _buffer_updates(block, recording, args, kwargs, spec)
         except Unsupported as e:
             if best is None or e.stage > best[0].stage:

@@ -28,6 +28,8 @@ class Options:
     upcycle_noise: float = 0.0     # relative std of the noise added to each upcycled expert's copy
     capacity_factor: float | None = None  # Tutel's capacity factor for every block (None: each block's own)
     batch_prioritized: bool = False       # keep slots by token importance when a capacity drops (V-MoE BPR)
+    precision: str = "original"    # "original": each stage in the precision the block computes it in; "model": the
+                                   # stages it casts below its own precision in its own (frontend/precision.py)
 
 
 @dataclass

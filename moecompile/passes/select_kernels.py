@@ -11,6 +11,7 @@ Pseudo-code:
         kernels = AUTO[device] if options.kernels == "auto" else {op: options.kernels for op in OPS}
         (auto falls back to native where why_no_triton(device) gives a reason)
         decode_slots = the most tokens·k of a call that take the decode path (decode_slots below)
+        stacked_path = stacked weights, native expert kernel, on CPU (stacked_path below)
 
 Why these defaults: on CPU the native path (per-expert blocked GEMMs, fused activation backward, gathers
 instead of scatter-adds) is at least as fast as the reference (within noise) on every op of the large
@@ -39,6 +40,7 @@ def select_kernels(ctx: CompileContext) -> None:
         spec.kernels = kernels_for(ctx.options.kernels, spec.router.get(lifted.block).device.type,
                                    lifted.layer.name)
         spec.decode_slots = decode_slots(spec, lifted.block)
+        spec.stacked_path = stacked_path(spec, lifted.block)
 
 
 def kernels_for(choice: str, device: str, where: str) -> dict[str, str]:
@@ -58,7 +60,7 @@ DECODE_BYTES = 4 << 20  # the most expert weight one decode-path call may gather
 
 
 def decode_slots(spec, block) -> int:
-    """The most token-slots (tokens·k) of an eager call that take the decode path (kernels/native.py
+    """The most token-slots (tokens·k) of an eager call that take the decode path (kernels/batched.py
     decode_ffn): 0 unless every expert weight is one stacked [E, ...] tensor and the ops are not the
     reference's. It copies each slot's expert weights, where the grouped path reads each chosen expert's
     once but visits it (native.expert_ffn_forward): measured here (1 thread on a shared machine, no_grad),
@@ -66,10 +68,23 @@ def decode_slots(spec, block) -> int:
     and loses from 4 tokens on, and loses for Mixtral-like ones (8 of 6 MB, top-2) at any size (12.3 vs
     7.3 ms at 1 token). So: slots whose gathered weights stay within DECODE_BYTES, and at most a quarter
     of the experts (with more slots, most experts are chosen and the grouped path reads each once)."""
-    if spec.kernels["expert_ffn"] == "reference":
-        return 0
-    w = spec.weights.fetch(block)
-    if not all(is_stacked(ws, 3 if role[0] == "w" else 2) for role, ws in w.items() if ws):
+    if spec.kernels["expert_ffn"] == "reference" or not _stacked(spec, block):
         return 0  # E per-expert tensors: decode_ffn gathers from stacked ones
+    w = spec.weights.fetch(block)
     per_expert = sum(ws[0][0].numel() * ws[0].element_size() for ws in w.values() if ws)
     return min(spec.num_experts // 4, DECODE_BYTES // max(per_expert, 1))
+
+
+def stacked_path(spec, block) -> bool:
+    """Whether eager calls may run the experts by kernels/batched.py stacked_ffn (all experts as one bmm
+    over rows padded per expert; ir/lowering.batched_path decides per call): with stacked [E, ...] weights
+    (a bmm reads them in place), on CPU with the native kernels (the Triton grouped GEMM spreads its
+    experts over a GPU already; the per-call host read of the counts would be a sync there)."""
+    return (spec.kernels["expert_ffn"] == "native" and spec.router.get(block).device.type == "cpu"
+            and _stacked(spec, block))
+
+
+def _stacked(spec, block) -> bool:
+    """Whether every expert weight of the block is one stacked [E, ...] tensor."""
+    w = spec.weights.fetch(block)
+    return all(is_stacked(ws, 3 if role[0] == "w" else 2) for role, ws in w.items() if ws)

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from moecompile.ir.lowering import run_moe
-from moecompile.ir.spec import OPS, DropStats, RoutingOverride
+from moecompile.ir.spec import OPS, DropStats, RoutingOverride, dtype_name
 from moecompile.passes.registry import CompileContext, register_pass
 from moecompile.validation import compare
 
@@ -83,6 +83,7 @@ def _check(lifted, tolerance, against: ReferenceRewrite | None = None) -> str | 
     in training). Against the original block, or (`against`) the rewrite on the reference kernels."""
     block, spec = lifted.block, lifted.layer.spec
     module, want = (block, lifted.original) if against is None else (against, against.forward)
+    tolerance, why = _allowed(spec, tolerance) if against is None else (tolerance, "")
     x, rest = lifted.args[0], lifted.args[1:]
     scale = x.float().std().clamp_min(1e-3).item()
     gen = torch.Generator().manual_seed(VALIDATION_SEEDS[1])
@@ -110,10 +111,28 @@ def _check(lifted, tolerance, against: ReferenceRewrite | None = None) -> str | 
             m.training = training
     what = "" if against is None else f" the routing options ({_options(spec.routing)}) against the reference kernels"
     if not worst <= tolerance:
-        return f"translation validation{' of' + what if what else ''} failed: {_difference(*where, worst, tolerance)}"
-    spec.notes.append(f"validated{what}: max relative error {worst:.1e}" + (
+        return f"translation validation{' of' + what if what else ''} failed: {_difference(*where, worst, tolerance)}{why}"
+    spec.notes.append(f"validated{what}{why}: max relative error {worst:.1e}" + (
         f"; {rejudged} tensor(s) off only by fp32 rounding (checked against float64)" if rejudged else ""))
     return None
+
+
+RAISED_STEPS = 4  # rounding steps of a precision the original rounds to and the rewrite does not: measured up to
+                  # 1.7 (relative to the largest value, over outputs and gradients) for bf16 and fp16 stages of
+                  # the blocks of tests/test_precision.py
+
+
+def _allowed(spec, tolerance: float) -> tuple[float, str]:
+    """(relative error accepted against the original, why, "" when it is `tolerance`): where the rewrite
+    computes in the model's precision stages the original rounds lower (optimize(precision="model")), the
+    original's own rounding error in them, RAISED_STEPS steps (eps) of the coarsest such precision."""
+    if not spec.raised_stages:
+        return tolerance, ""
+    dtype = max((d for _, d in spec.raised_stages), key=lambda d: torch.finfo(d).eps)
+    allowed = max(tolerance, RAISED_STEPS * torch.finfo(dtype).eps)
+    stages = ", ".join(stage for stage, _ in spec.raised_stages)
+    return allowed, (f" (within {allowed:.1e}: the original rounds its {stages} to {dtype_name(dtype)}, the rewrite "
+                     "does not, precision='model')")
 
 
 def _other_token_counts(x: torch.Tensor, rest: tuple, kwargs: dict) -> list[torch.Tensor]:
