@@ -8,8 +8,8 @@ what a checkpoint costs on disk, per rank and in training time, and what restori
   per rank   plain data parallel over 2 and 4 gloo processes on CPU, each holding a full replica: the bytes of
              each rank's `__<rank>_0.distcp` in a non-first checkpoint; the busiest rank as a % of the
              one-process full checkpoint (the conventional DP checkpoint, which one rank writes)
-  blocked    one process: training time blocked per checkpoint, SaveStats.blocked_s (median; the first PEC
-             checkpoint, which saves every expert and allocates the snapshot buffers, left out), vs a synchronous
+  blocked    one process: training time blocked per checkpoint, SaveStats.blocked_s (median; the first three PEC
+             checkpoints, which save every expert and allocate the three snapshot slots, left out), vs a synchronous
              torch.distributed.checkpoint.save of the full model and optimizer state into a fresh directory;
              and the wall-time cost of a checkpoint, background work included: phases with and without
              checkpoints, run in turn (blocked_time's docstring); both as a % of a training step
@@ -61,6 +61,7 @@ from quality import BATCH, LR, MODEL, SEQ, WARMUP, batch, corpus, val_loss  # no
 import moecompile  # noqa: E402
 from moecompile.models import gpt_moe  # noqa: E402
 from moecompile.runtime import pec  # noqa: E402
+from moecompile.runtime.snapshot import SLOTS  # noqa: E402
 from moecompile.runtime.spawn import free_port  # noqa: E402
 
 E = MODEL["num_experts"]
@@ -163,7 +164,9 @@ def blocked_time(data, example, cfg, tick) -> dict:
     """Phases of `timed_ckpts` x `timed_every` steps, the four modes of TIMED in turn, `rounds` times over (so
     drift of the machine hits every mode alike). A checkpointing phase ends when its last write is committed,
     so all its background work is inside it. cost per checkpoint = (its phase - the no-checkpoint phase of the
-    same round) / checkpoints: what checkpointing adds to training's wall time, blocked or in the background."""
+    same round) / checkpoints: what checkpointing adds to training's wall time, blocked or in the background.
+    Every phase ends with one more training step before the wait for the last write, so the last checkpoint's
+    in-memory copy is awaited by an optimizer step, as in training, not by the phase's end."""
     fast, opt = build(0, example)
     step = 0
 
@@ -182,9 +185,11 @@ def blocked_time(data, example, cfg, tick) -> dict:
         ckpts = {name: moecompile.runtime.PECCheckpointer(fast, opt, Path(d) / name, every=every, experts_per_ckpt=k,
                                                           experts_per_snapshot=ks)
                  for name, k, ks in ((TIMED[2], E, E), (TIMED[3], 1, 1), (TIMED[4], 1, E // 2))}
-        for ckpt in ckpts.values():  # the first checkpoint saves every expert and allocates the snapshot buffers
-            ckpt.save(step - 1)
-            ckpt.wait()
+        for _ in range(SLOTS):  # the first saves every expert; each of the first three allocates a snapshot slot
+            train(1)
+            for ckpt in ckpts.values():
+                ckpt.save(step - 1)
+                ckpt.wait()
         for r in range(cfg["rounds"]):
             for name in TIMED:
                 began = time.perf_counter()
@@ -197,22 +202,23 @@ def blocked_time(data, example, cfg, tick) -> dict:
                         dcp.save({"model": fast.state_dict(), "optim": get_optimizer_state_dict(fast, opt)},
                                  checkpoint_id=Path(d) / f"sync-{r}-{i}", no_dist=True)
                         sync_blocked.append(time.perf_counter() - t)
+                train(1)
                 if name in ckpts:
                     ckpts[name].wait()
                 phases[name].append(time.perf_counter() - began)
         for ckpt in ckpts.values():
             ckpt.close()
-    step_s = statistics.median(phases[TIMED[0]]) / (n * every)
+    step_s = statistics.median(phases[TIMED[0]]) / (n * every + 1)
     out = {"step_s": step_s, "phases_s": phases, "every": every, "checkpoints_per_phase": n}
     for name in TIMED[1:]:
         # blocked: complete only after close(): the copy's wait happens at the optimizer step after the save
-        blocked = sync_blocked if name == TIMED[1] else [h.blocked_s for h in ckpts[name].history[1:]]
+        blocked = sync_blocked if name == TIMED[1] else [h.blocked_s for h in ckpts[name].history[SLOTS:]]
         cost = [(t - plain) / n for t, plain in zip(phases[name], phases[TIMED[0]])]
         out[name] = {"blocked_s": statistics.median(blocked), "all_blocked_s": blocked,
                      "cost_s": statistics.median(cost), "all_cost_s": cost}
         if name in ckpts:
             out[name]["parts_s"] = [{"wait": h.wait_s, "snapshot": h.snapshot_s, "copy_wait": h.copy_wait_s}
-                                    for h in ckpts[name].history[1:]]
+                                    for h in ckpts[name].history[SLOTS:]]
     return out
 
 
@@ -275,7 +281,7 @@ def main():
              ("faults, PEC K=1", dict(experts_per_ckpt=1, **fixed)),
              ("faults, PEC K=1, K_snapshot=4", dict(experts_per_ckpt=1, experts_per_snapshot=4, dynamic_k=None)),
              ("faults, PEC K=1, K_snapshot=4, Dynamic-K", dict(experts_per_ckpt=1, experts_per_snapshot=4))]
-    timed = 3 + cfg["rounds"] * len(TIMED) * cfg["timed_ckpts"] * cfg["timed_every"]
+    timed = 3 + SLOTS + cfg["rounds"] * len(TIMED) * (cfg["timed_ckpts"] * cfg["timed_every"] + 1)
     with progress() as bar:
         setup = bar.add_task("bytes, dp=2, dp=4", total=3)
         sizes, split = checkpoint_bytes(train_data, example)

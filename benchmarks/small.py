@@ -233,6 +233,13 @@ def _summary(row) -> str:
     return ", ".join(f"{impl} {v['value']:.2f} {row['unit']} ({v['ratio']:.2f}x)" for impl, v in row["impls"].items())
 
 
+def _band(values: dict, impl: str) -> str:
+    """ratio [band] of `impl` in a row, "-" where it did not run (generate is not compiled)."""
+    if impl not in values:
+        return "-"
+    return "{} [{:.2f}-{:.2f}]".format(fmt_ratio(values[impl]["ratio"]), *values[impl]["ratio_band"])
+
+
 def render(rows, impls, console) -> None:
     cols = ["shape", "row"] + [f"{i} ratio" for i in impls if i != "hf_eager"] + ["hf_eager", "optimize", "unit",
                                                                                    "floor ms", "max err"]
@@ -240,8 +247,7 @@ def render(rows, impls, console) -> None:
     for r in rows:
         v = r["impls"]
         err = max((e for i, e in r.get("errors", {}).items()), default=0.0)
-        band = lambda i: "{} [{:.2f}-{:.2f}]".format(fmt_ratio(v[i]["ratio"]), *v[i]["ratio_band"])  # noqa: E731
-        body.append([r["shape"], r["row"]] + [band(i) for i in impls if i != "hf_eager"] +
+        body.append([r["shape"], r["row"]] + [_band(v, i) for i in impls if i != "hf_eager"] +
                     [f"{v['hf_eager']['value']:.2f}", f"{v['optimize']['value']:.2f}", r["unit"],
                      f"{r['floor_ms']:.3f}" if "floor_ms" in r else "-",
                      "tokens equal" if r.get("tokens_equal", {}).get("optimize") else

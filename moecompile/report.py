@@ -108,7 +108,7 @@ def _batched_forms(s) -> list[str]:
     def calls(slots: int) -> str:
         tokens = slots // s.route.top_k
         return "1-token calls" if tokens == 1 else f"calls of ≤ {tokens} tokens"
-    threaded = batched.decode_slots_on_threads(s.num_experts) if s.stacked_path else 0
+    threaded = batched.decode_slots_on_threads(s.decode_slots, s.num_experts) if s.stacked_path else 0
     parts = []
     if max(s.decode_slots, threaded) >= s.route.top_k:
         one = calls(s.decode_slots) if s.decode_slots >= s.route.top_k else "none"

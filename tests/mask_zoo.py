@@ -99,11 +99,12 @@ class LedgerLayer(nn.Module):
     """Workers batched as [E, D, F] weights (`bias`: [E, F] and [E, D] biases), computed by einsum;
     `kind` relu, gelu or swiglu (a second [E, D, F] projection multiplies the SiLU). `grouped`: each
     sequence of x [B, S, D] is a gating group (GShard), else all of a call's tokens are one. `tally`: the
-    gate's per-worker counts are returned too (output, aux, counts)."""
+    gate's per-worker counts are returned too (output, aux, counts). `narrow`: the combine einsum runs in that
+    dtype (operands cast down, the result cast back)."""
 
-    def __init__(self, d=32, f=64, e=4, kind="relu", bias=True, grouped=False, tally=False, **gate):
+    def __init__(self, d=32, f=64, e=4, kind="relu", bias=True, grouped=False, tally=False, narrow=None, **gate):
         super().__init__()
-        self.kind, self.grouped, self.tally = kind, grouped, tally
+        self.kind, self.grouped, self.tally, self.narrow = kind, grouped, tally, narrow
         self.ledger = Ledger(d, e, **gate)
         self.inward = nn.Parameter(torch.randn(e, d, f) * d**-0.5)             # [E, D, F]
         self.side = nn.Parameter(torch.randn(e, d, f) * d**-0.5) if kind == "swiglu" else None
@@ -122,7 +123,9 @@ class LedgerLayer(nn.Module):
         y = torch.einsum("...ecf,efd->...ecd", _act(self.kind, h, v), self.outward)   # [..., E, C, D]
         if self.drop is not None:
             y = y + self.drop[:, None]
-        out = torch.einsum("...tec,...ecd->...td", combine, y).view(x.shape)
+        if self.narrow is not None:
+            combine, y = combine.to(self.narrow), y.to(self.narrow)
+        out = torch.einsum("...tec,...ecd->...td", combine, y).to(x.dtype).view(x.shape)
         return (out, aux, counts) if self.tally else (out, aux)
 
 

@@ -16,7 +16,7 @@ LAYERS = [
     {"frontend"},
     {"runtime"},
     {"passes"},
-    {"api"},
+    {"api", "tuning"},
     {"backend"},
     {"sim", "viz"},
     {"cli"},

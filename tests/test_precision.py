@@ -15,6 +15,7 @@ import moecompile
 from moecompile.runtime.spawn import run_ranks
 from moecompile.validation import _run_in_float64, compare, max_relative_error
 from tests.helpers import assert_same_training_step, expert_parallel_check
+from tests.mask_zoo import LedgerLayer
 from tests.zoo import Net, SortedBank
 
 BF16 = torch.bfloat16
@@ -42,6 +43,25 @@ def test_stages_run_in_the_precision_the_block_casts_them_to(stages):
         assert f"{stage} in bfloat16" in layer.details
     for x in (_x(1), _x(2, (3, 5, 32)), _x(3, (1, 1, 32))):
         assert_same_training_step(model, fast, (x,), {})
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_combine_einsum_in_bf16_rounds_each_sum_once(grouped):
+    """GShard's combine as an einsum of the combine weights with the experts' outputs, both cast to bf16: a
+    matmul, which sums in fp32 and rounds each token's sum once (not each product). Lifted and equal; with
+    the dtype dropped, validation refuses it."""
+    torch.manual_seed(0)
+    block = LedgerLayer(grouped=grouped, narrow=BF16)
+    fast = moecompile.optimize(block, (_x(),))
+    [layer] = moecompile.explain(fast).moe_layers
+    assert layer.rewritten, layer.reason
+    assert layer.spec.combine_dtype == BF16 and layer.spec.combine_sums_once
+    for x in (_x(1), _x(2, (3, 5, 32))):
+        assert_same_training_step(block, fast, (x,), {})
+    original = type(block).forward.__get__(block)
+    layer.spec.combine_dtype = None
+    err, label, rejudged = compare(block, original, fast.forward, _x(1), (), {}, seed=0)
+    assert err > 1e-3 and rejudged == 0, (err, label)
 
 
 @pytest.mark.parametrize("stage", ["router", "combine"])

@@ -205,7 +205,15 @@ def test_batched_path_is_chosen_by_size_threads_and_autograd(lifted, monkeypatch
 def test_stacked_pays_where_most_experts_get_rows_and_padding_is_small():
     assert batched.stacked_pays([2] * 8, 16)                 # all experts, no padding
     assert not batched.stacked_pays([1, 1, 1, 0, 0, 0, 0, 0], 3)   # few experts
+    assert batched.stacked_pays([3, 3, 3, 3, 3, 1, 1, 0], 16)      # 7 of 8 experts, padding 1.5x
+    assert not batched.stacked_pays([2, 2, 2, 2, 2, 2, 0, 0], 12)  # 6 of 8 experts: reads a third more
     assert not batched.stacked_pays([9, 1, 1, 1, 1, 1, 1, 1], 16)  # padding 4.5x the rows
+
+
+def test_decode_on_threads_doubles_the_one_thread_bound_up_to_a_quarter_of_the_experts():
+    assert batched.decode_slots_on_threads(10, 64) == 16   # Qwen3-MoE-like: 10 slots' weights in 4 MB
+    assert batched.decode_slots_on_threads(4, 64) == 8
+    assert batched.decode_slots_on_threads(0, 8) == 0      # Mixtral-like: no slot's weights in 4 MB
 
 
 def test_no_batched_forms_for_per_expert_weights_or_reference_kernels(lifted):

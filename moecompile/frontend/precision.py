@@ -3,7 +3,8 @@
 Contract:   read(recording, spec, precision) → None; sets spec.route.dtype, spec.expert.dtype and
             spec.combine_dtype to the dtype the block computes that stage in where it casts to a lower
             precision for it (e.g. a bf16 grouped GEMM inside an fp32 model: inputs and weights cast down,
-            results cast back), else None. Read from the recorded values: the router stage is the matmuls
+            results cast back), else None; spec.combine_sums_once when that combine is a matmul (one
+            rounding of each token's sum) rather than products and index_add (a rounding per step). Read from the recorded values: the router stage is the matmuls
             that read the router weight, the experts' those that read an expert weight (through views and
             casts: graph.param_read), the combine the ops that weight and sum the experts' outputs (after
             their last matmuls, up to the block's result, expert biases aside). The lowering runs each stage
@@ -34,6 +35,7 @@ def read(rec: Recording, spec: MoESpec, precision: str = "original") -> None:
     found = {"router": _below(_matmul_dtypes(rec, {spec.router.name}), block),
              "experts": _experts_dtype(rec, experts, block),
              "combine": _below(_combine_dtypes(rec, spec), block)}
+    by_matmul = _combines_by_matmul(rec, spec, found["combine"])
     found = {stage: dtype for stage, dtype in found.items() if dtype is not None}
     if precision == "model":
         spec.raised_stages = tuple(found.items())
@@ -44,6 +46,7 @@ def read(rec: Recording, spec: MoESpec, precision: str = "original") -> None:
     spec.route = dataclasses.replace(spec.route, dtype=found.get("router"))
     spec.expert = dataclasses.replace(spec.expert, dtype=found.get("experts"))
     spec.combine_dtype = found.get("combine")
+    spec.combine_sums_once = by_matmul
     spec.notes += [f"{stage} computed in {dtype_name(dtype)}, as the block casts it" for stage, dtype in found.items()]
 
 
@@ -68,17 +71,29 @@ def _matmul_dtypes(rec: Recording, names: set[str]) -> set[torch.dtype]:
             if n.op == "call_function" and n.target in MATMULS and any(param_read(rec, a) in names for a in n.args)}
 
 
-def _combine_dtypes(rec: Recording, spec: MoESpec) -> set[torch.dtype]:
-    """The dtypes of the ops between the experts' last matmuls and the block's result that compute (views
-    and casts only move values; an expert bias added after the last matmul is the experts')."""
+def _combine_ops(rec: Recording, spec: MoESpec) -> list:
+    """The ops between the experts' last matmuls and the block's result that compute (views and casts only
+    move values; an expert bias added after the last matmul is the experts')."""
     g, second, expert_params = Reader(rec, set()), _names(spec.weights.w2), _names(*vars(spec.weights).values())
     last = [n for n in rec.graph.nodes if n.op == "call_function" and n.target in MATMULS
             and any(param_read(rec, a) in second for a in n.args)]
     out = rec.outputs[spec.outputs.index("out")]
     after = (set().union(*(nx.descendants(g.dag, m) for m in last)) & nx.ancestors(g.dag, out)) | {out}
-    return {n.meta["val"].dtype for n in after
+    return [n for n in after
             if n.op == "call_function" and n.target not in PASSTHROUGH and isinstance(n.meta.get("val"), torch.Tensor)
-            and not any(param_read(rec, a) in expert_params for a in n.args)}
+            and not any(param_read(rec, a) in expert_params for a in n.args)]
+
+
+def _combine_dtypes(rec: Recording, spec: MoESpec) -> set[torch.dtype]:
+    return {n.meta["val"].dtype for n in _combine_ops(rec, spec)}
+
+
+def _combines_by_matmul(rec: Recording, spec: MoESpec, dtype: torch.dtype | None) -> bool:
+    """Whether a combine in `dtype` is a matmul (GShard's einsum of the combine weights with the experts'
+    outputs): its operands are rounded to `dtype` and summed at higher precision, with one rounding of the
+    sum, where elementwise weighting and index_add round each product and each partial sum."""
+    return dtype is not None and any(n.target in MATMULS and n.meta["val"].dtype == dtype
+                                     for n in _combine_ops(rec, spec))
 
 
 def _below(found: set[torch.dtype], block: torch.dtype) -> torch.dtype | None:

@@ -40,7 +40,6 @@ class Routed:
     flight: object = None         # runtime.expert_parallel.Flight, rows already sent (shortcut + expert parallel)
     layout: ChoiceRows | None = None  # the [T, k] choices when the slots above are rows in GShard's order
     batched: str | None = None    # "decode" or "stacked": the experts run as batched matmuls (batched_path)
-    combine_dtype: torch.dtype | None = None  # the precision the block weights and sums in (MoESpec.combine_dtype)
 
 
 def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid: torch.Tensor | None = None
@@ -93,8 +92,7 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
         spec.expert_load += counts
     if cap and not ops._tracing([x_perm]):  # eager: N is a host int already (no sync)
         spec.drops.record(indices.numel(), x_perm.shape[0], cap.capacity, torch.is_grad_enabled())
-    routed = Routed(tokens, logits, weights, indices, order, x_perm, counts, cap, layout=layout,
-                    combine_dtype=spec.combine_dtype)
+    routed = Routed(tokens, logits, weights, indices, order, x_perm, counts, cap, layout=layout)
     if spec.parallel is not None and spec.shortcut is not None:
         routed.flight = spec.parallel.start(x_perm, counts, capacity_rows(cap, tokens.shape[0]) if cap else None)
         routed.flight.send_all()
@@ -127,10 +125,12 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
         else:
             y_perm = ffn(x_perm, counts)                                          # [N, D]
         fill = tokens if cap and cap.dropped == "identity" else None
-        part = combine(y_perm, routed, fill, kern["combine"])                    # [T, D]
+        part = combine(y_perm, routed, fill, kern["combine"], spec.combine_dtype, spec.combine_sums_once)  # [T, D]
         if routed.layout is not None:
             part = routed.layout.fold(part)
         out = part if out is None else out + part
+    if spec.combine_sums_once and spec.combine_dtype is not None:  # a matmul combine rounds each sum, once
+        out = out.to(spec.combine_dtype)
     if shared is not None:
         out = out + (shared() if shared_out is None else shared_out)
     first = branches[0]
@@ -149,9 +149,9 @@ def batched_path(spec: MoESpec, indices: torch.Tensor) -> tuple[str | None, torc
     """Whether this call's routing `indices` [T, k] runs the experts as batched matmuls instead of dispatch,
     expert_ffn and combine (kernels/batched.py), as (form, counts); (None, None): the canonical ops.
       "decode"   decode_ffn (each slot gathers its expert's weights) for at most `spec.decode_slots`
-                 slots; on CPU with two or more threads (`spec.stacked_path`) for at most a quarter of the
-                 experts' slots whatever their size: the gather and the bmm use every thread, where
-                 the grouped path's one-row GEMMs run on one (batched.decode_slots_on_threads);
+                 slots; on CPU with two or more threads (`spec.stacked_path`) for twice that, up to a
+                 quarter of the experts: the gather and the bmm use every thread, where the grouped
+                 path's one-row GEMMs run on one (batched.decode_slots_on_threads);
       "stacked"  stacked_ffn, with the per-expert row counts [E], without autograd, on two or more
                  threads where `spec.stacked_path` allows it and batched.stacked_pays says it pays (with
                  autograd its padded backward lost to the grouped one: 40 vs 27 ms a Mixtral-like layer
@@ -164,7 +164,9 @@ def batched_path(spec: MoESpec, indices: torch.Tensor) -> tuple[str | None, torc
             or spec.combine_dtype is not None or autocasting(indices) is not None or ops._tracing([indices])):
         return None, None
     threads = torch.get_num_threads() if spec.stacked_path else 1
-    if slots <= spec.decode_slots or (threads > 1 and slots <= batched.decode_slots_on_threads(spec.num_experts)):
+    decode = spec.decode_slots if threads == 1 else batched.decode_slots_on_threads(spec.decode_slots,
+                                                                                      spec.num_experts)
+    if slots <= decode:
         return "decode", None
     if threads > 1 and not torch.is_grad_enabled():
         counts = torch.bincount(indices.flatten(), minlength=spec.num_experts)          # [E]
@@ -254,13 +256,15 @@ def expert_ffn(spec: MoESpec, w: dict, rows: torch.Tensor, rows_per_expert: torc
                     ex.activation, ex.fused, ex.alpha, ex.limit, save, spec.kernels["expert_ffn"])[0]
 
 
-def combine(y_perm: torch.Tensor, routed: "Routed", fill: torch.Tensor | None, backend: str) -> torch.Tensor:
+def combine(y_perm: torch.Tensor, routed: "Routed", fill: torch.Tensor | None, backend: str,
+            dtype: torch.dtype | None = None, sums_once: bool = False) -> torch.Tensor:
     """Σ_k weight · expert output per token (ops.combine). Under torch.autocast as the original's weighting and
     sum, which are elementwise ops and index_add (no autocast): in the promoted dtype of the expert outputs
     and the fp32 routing weights, not in autocast's lower precision (the kernels' bmm would be cast). A block
-    that casts its combine to a precision of its own (`combine_dtype`) does so under autocast too."""
-    if routed.combine_dtype is not None and fill is None:  # (the frontend reads no block that passes dropped
-        return weighted_sum(y_perm, routed, routed.combine_dtype)  # tokens through and combines below its precision)
+    that casts its combine to a precision of its own (`dtype`, MoESpec.combine_dtype) does so under autocast
+    too; as a matmul (`sums_once`) the caller rounds the sums."""
+    if dtype is not None and fill is None:  # (the frontend reads no block that passes dropped tokens through
+        return weighted_sum(y_perm, routed, dtype, sums_once)  # and combines below its precision)
     device = autocasting(y_perm)
     if device is not None:
         y_perm = y_perm.to(torch.promote_types(y_perm.dtype, routed.weights.dtype))
@@ -269,15 +273,21 @@ def combine(y_perm: torch.Tensor, routed: "Routed", fill: torch.Tensor | None, b
     return ops.call(ops.combine, y_perm, routed.order, routed.weights, fill, backend)
 
 
-def weighted_sum(y_perm: torch.Tensor, routed: "Routed", dtype: torch.dtype) -> torch.Tensor:
-    """Σ_k weight · expert output per token [T, D] in `dtype`, rounding as a block that weights and sums its
-    experts' outputs in that precision does: each row times its weight, rounded, then added to its token's
-    sum one row after another in expert order (index_add_ per expert), where the canonical combine rounds
-    only the sum. Plain torch: autograd differentiates it."""
+def weighted_sum(y_perm: torch.Tensor, routed: "Routed", dtype: torch.dtype, sums_once: bool = False
+                 ) -> torch.Tensor:
+    """Σ_k weight · expert output per token [T, D] from operands in `dtype`, rounding as a block that weights
+    and sums its experts' outputs in that precision does: each row times its weight, rounded, then added to
+    its token's sum one row after another in expert order (index_add_ per expert), where the canonical
+    combine rounds only the sum. `sums_once` (a matmul combine): the products and sums in y_perm's precision
+    (a product of two bf16 or fp16 values is exact in fp32), left for the caller to round. Plain torch:
+    autograd differentiates it."""
     k = routed.weights.shape[1]
     w = routed.weights.reshape(-1)[routed.order].to(dtype)                      # [N] each row's weight
-    out = y_perm.new_zeros(routed.weights.shape[0], y_perm.shape[1], dtype=dtype)
-    return out.index_add_(0, routed.order // k, y_perm.to(dtype) * w.unsqueeze(-1))
+    rows = y_perm.to(dtype)                                                      # [N, D]
+    if sums_once:
+        w, rows = w.to(y_perm.dtype), rows.to(y_perm.dtype)
+    out = rows.new_zeros(routed.weights.shape[0], y_perm.shape[1])
+    return out.index_add_(0, routed.order // k, rows * w.unsqueeze(-1))
 
 
 # ---- torch.autocast ------------------------------------------------------------------------------------------

@@ -256,6 +256,7 @@ class MoESpec:
     buffer_updates: tuple = ()         # ir/buffer_updates.BufferUpdate: what the block adds to its buffers
     combine_dtype: torch.dtype | None = None  # the precision the block weights and sums its experts' outputs
                                               # in, below its own (None: its own); frontend/precision.py
+    combine_sums_once: bool = False    # that combine is a matmul: operands rounded, each token's sum rounded once
     raised_stages: tuple = ()          # (stage, dtype) the original computes in and the rewrite computes in the
                                        # block's own precision instead: optimize(precision="model")
     input_dims: int | None = None      # the number of dims the block's hidden states must have (None: any ≥ 1)

@@ -49,26 +49,28 @@ def stacked_ffn(x, weights, indices, counts, w1, w2, w3, b1, b2, b3, activation,
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)                      # [T, D]
 
 
-def decode_slots_on_threads(num_experts: int) -> int:
-    """The most slots decode_ffn takes on two or more CPU threads: a quarter of the experts, whatever
-    their size. Measured here (2 threads, no_grad, weights from memory): 1 token of Mixtral-like experts
-    (2 of 8, 6 MB each) 0.8 vs 1.2 ms through the grouped path, 2 tokens of Qwen3-MoE-like ones (16 slots
-    of 64 experts) a tie, and from a third of the experts on the grouped path wins. On one thread the
-    gather's copy costs more: passes/select_kernels.decode_slots bounds it by bytes."""
-    return num_experts // 4
+def decode_slots_on_threads(one_thread: int, num_experts: int) -> int:
+    """The most slots decode_ffn takes on two or more CPU threads, given the most it takes on one
+    (passes/select_kernels.decode_slots, bounded by the bytes its gather copies): twice that, the copy
+    and the bmm then using every thread, up to a quarter of the experts. Measured here (2 threads, no_grad,
+    weights from memory, a layer's time): Qwen3-MoE-like experts (64 of 0.4 MB, top-8) at 2 tokens, 16
+    slots, 1.0 vs 1.4 ms through the grouped path; for Mixtral-like ones (8 of 6 MB, top-2) the copy lost
+    even at 1 token (1.5 vs 1.0 ms), and one-thread's bound already excludes them."""
+    return min(num_experts // 4, 2 * one_thread)
 
 
 def stacked_pays(counts_list: list[int], slots: int) -> bool:
     """Whether stacked_ffn beats the grouped path (expert_ffn_forward) for a call whose experts got
     `counts_list` rows of `slots` in all, on two or more threads (on one, the grouped path is as fast or
-    faster at every size measured). Measured here (2 threads, no_grad, experts' weights from memory), it
-    wins where at least ~70% of the experts got rows and padding makes at most 2.5x the rows: Mixtral-like
-    experts (8 of 6 MB, top-2) from 8 tokens (4.5 vs 5.6 ms; 64 tokens 6.3 vs 10.4; 256 tokens 14 vs 20),
-    Qwen3-MoE-like ones (64 of 0.4 MB, top-8) from 16 tokens (3.2 vs 4.7 ms; 128 tokens 5.0 vs 9.0); it
-    lost at Mixtral's 4 tokens (6 of 8 experts, 3x padding: 4.5 vs 3.5 ms)."""
+    faster at every size measured). It reads every expert's weights, so it pays where nearly all of them
+    (≥ 85%) got rows, and its padding makes at most 3.5x the rows. Measured here (2 threads, no_grad,
+    weights from memory, a layer's time, grouped vs stacked): Qwen3-MoE-like experts (64 of 0.4 MB, top-8)
+    at 16 tokens (56 experts, padding 2.5-3.5x) 3.9-4.1 vs 2.9-3.6 ms, 32 tokens 4.3-5.4 vs 3.1-3.6, a tie
+    or a loss at 8 tokens (39-46 experts); Mixtral-like ones (8 of 6 MB, top-2) at 8 tokens (7-8 experts)
+    6.0-7.0 vs 5.2-5.6 ms, a loss at 4 tokens (6 experts, 2x padding: 3.9 vs 4.3-4.6 ms)."""
     E = len(counts_list)
     live = sum(1 for n in counts_list if n)
-    return live * 10 >= 7 * E and 2 * E * max(counts_list) <= 5 * slots
+    return live * 20 >= 17 * E and 2 * E * max(counts_list) <= 7 * slots
 
 
 def _batched_ffn(rows, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):

@@ -10,7 +10,8 @@ Why hand-written:
   inverse permutation and a sum over k: 0.81 vs 1.78 ms at 4096 tokens, E = 8, top-2).
 Only the experts that received rows cost a visit (see the expert FFN section). Routing is small
 ([T, E]): it skips the reference's redundant passes, works around aten's slow short-row softmax and top-k,
-and has a closed-form backward for traced graphs. Dispatch with a capacity sorts instead of the reference's one-hot cumsum.
+and has a closed-form backward for traced graphs. Dispatch with a capacity sorts instead of the reference's
+one-hot cumsum.
 """
 import torch
 

@@ -36,11 +36,10 @@ import json
 import os
 import shutil
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.staging import AsyncStager
 
 from moecompile.runtime.storage import ROOT
 
@@ -58,11 +57,10 @@ def default_job_id() -> str:
     return os.environ.get("TORCHELASTIC_RUN_ID") or f"local-{os.getpid()}"
 
 
-class MemoryStore(AsyncStager):
-    """This rank's snapshots (see the module docstring); the stager of DCP's asynchronous save: `stage()`
-    copies the checkpoint into a slot on a thread of its own and hands DCP the persist subset, read from the
-    slot. `root=None`: private buffers, the same copy without recovery after a restart."""
-    _synchronize_after_execute = False
+class MemoryStore:
+    """This rank's snapshots (see the module docstring). `stage()` copies a checkpoint into a slot on a thread
+    of its own and gives the persist subset, read from the slot, to write to storage. `root=None`: private
+    buffers, the same copy without recovery after a restart."""
 
     def __init__(self, root: Path | None, job: str, storage: Path, rank: int, fingerprint: dict):
         self.identity = {"job": job, "storage": str(Path(storage).resolve()),
@@ -75,43 +73,53 @@ class MemoryStore(AsyncStager):
             self.dir.mkdir(parents=True, exist_ok=True)
         self.steps: dict[int, int | None] = dict.fromkeys(range(SLOTS))  # slot → step of its complete snapshot
         self._flat: dict[int, torch.Tensor] = {}
+        self._layouts: dict[tuple, tuple[dict, int]] = {}  # keys → (where each tensor goes, bytes)
         # one intra-op thread: a second multi-threaded parallel region beside training's oversubscribes the
         # cores (measured: +50% step time with a checkpoint every 10 steps on 2 cores, +10% with one thread)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pec-snapshot",
                                           initializer=torch.set_num_threads, initargs=(1,))
-        self.pending = None  # the copy in flight: a Future of the state dict DCP persists
-        self.next = None     # set before each save: (keys to persist, the marker's content)
+        self.pending = None  # the copy in flight: a Future of the state dict to persist
 
     # -- writing ---------------------------------------------------------------------------------------------
 
-    def stage(self, state_dict):
-        persist, meta = self.next
+    def stage(self, state_dict: dict, persist: set[str], meta: dict) -> Future:
+        """Start copying `state_dict` ({ROOT: {key: tensor or object}}) into a free slot; → a Future of the
+        state dict to persist: the keys in `persist` read from the slot, and the objects. `meta`: the
+        marker's content. Only the slot's choice and its reservation happen here, on the caller's time; the
+        views and the copy on the snapshot thread."""
         inner = state_dict[ROOT]
         tensors = {k: v for k, v in inner.items() if torch.is_tensor(v)}
         slot = min(self.steps, key=lambda s: (self.steps[s] is not None, self.steps[s] or 0, s))
         self.steps[slot] = None
-        layout, end = {}, 0
-        for key, t in tensors.items():
-            start = -(-end // ALIGN) * ALIGN
-            layout[key] = [start, str(t.dtype).removeprefix("torch."), list(t.shape)]
-            end = start + t.nbytes
+        layout, end = self._layout(tensors)
         flat = self._buffer(slot, end)
-        views = {key: _view(flat, *where) for key, where in layout.items()}
-        out = {ROOT: {k: views.get(k, v) for k, v in inner.items() if k in persist or not torch.is_tensor(v)}}
         marker = {**self.identity, **meta, "format": FORMAT, "entries": layout, "bytes": end}
-        copies = [(views[k], t) for k, t in tensors.items()]
-        self.pending = self._thread.submit(self._copy, copies, slot, marker, out)
+        self.pending = self._thread.submit(self._copy, flat, tensors, inner, persist, slot, marker)
         return self.pending
 
-    def _copy(self, copies, slot: int, marker: dict, out: dict) -> dict:
-        for dst, src in copies:
-            dst.copy_(src)
+    def _layout(self, tensors: dict) -> tuple[dict, int]:
+        """Where each tensor goes in a slot ({key: [offset, dtype, shape]}) and the bytes it takes; the same
+        for every checkpoint of the same keys (remembered: sequential selection cycles through a few)."""
+        keys = tuple(tensors)
+        if keys not in self._layouts:
+            layout, end = {}, 0
+            for key, t in tensors.items():
+                start = -(-end // ALIGN) * ALIGN
+                layout[key] = [start, str(t.dtype).removeprefix("torch."), list(t.shape)]
+                end = start + t.nbytes
+            self._layouts[keys] = layout, end
+        return self._layouts[keys]
+
+    def _copy(self, flat, tensors: dict, inner: dict, persist: set[str], slot: int, marker: dict) -> dict:
+        views = {key: _view(flat, *where) for key, where in marker["entries"].items()}
+        for key, t in tensors.items():
+            views[key].copy_(t)
         if self.dir is not None:
             tmp = self.dir / f"slot{slot}.json.tmp"
             tmp.write_text(json.dumps(marker))
             os.replace(tmp, self.dir / f"slot{slot}.json")  # the commit: every byte is in place
         self.steps[slot] = marker["step"]
-        return out
+        return {ROOT: {k: views.get(k, v) for k, v in inner.items() if k in persist or not torch.is_tensor(v)}}
 
     def _buffer(self, slot: int, nbytes: int) -> torch.Tensor:
         """The slot's bytes, grown when too small; its marker is gone first (the slot is being rewritten)."""
@@ -138,10 +146,6 @@ class MemoryStore(AsyncStager):
                 self.release()
         self._flat[slot] = torch.empty(nbytes, dtype=torch.uint8)
         return self._flat[slot]
-
-    def synchronize_staging(self) -> None:
-        if self.pending is not None:
-            self.pending.result()
 
     # -- reading ---------------------------------------------------------------------------------------------
 
