@@ -27,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 import moecompile
 from moecompile.models import gpt_moe
 from moecompile.runtime.checkpoint import PECCheckpointer
-from moecompile.runtime.snapshot import MemoryStore
+from moecompile.runtime.snapshot import MemoryStore, _view
 
 
 def batch(step, rank):
@@ -56,12 +56,12 @@ def kill_during_snapshot_of(step: int):
     """Make rank 1 copy half of its snapshot of the checkpoint of `step`, then die before its commit marker."""
     copy = MemoryStore._copy
 
-    def torn(self, copies, slot, marker, out):
+    def torn(self, flat, tensors, inner, persist, slot, marker):
         if marker["step"] == step:
-            for dst, src in copies[:len(copies) // 2]:
-                dst.copy_(src)
+            for key, t in list(tensors.items())[:len(tensors) // 2]:
+                _view(flat, *marker["entries"][key]).copy_(t)
             os.kill(os.getpid(), signal.SIGKILL)
-        return copy(self, copies, slot, marker, out)
+        return copy(self, flat, tensors, inner, persist, slot, marker)
     MemoryStore._copy = torn
 
 
