@@ -172,27 +172,24 @@ def _memory_experts(report):
     return sum(len(v) for v in report["from_memory"].values())
 
 
-def test_sigkill_mid_persist_keeps_the_previous_version(tmp_path):
-    """Killed while writing the checkpoint of step 8 to storage: its snapshot is complete in memory but was never
-    persisted, so the job resumes from the checkpoint of step 5, with that checkpoint's snapshots: the ranks'
+def test_sigkill_mid_snapshot_copy_then_mid_persist_keeps_older_complete_versions(tmp_path):
+    """One job, two faults (one launch fewer than a job per fault). First, rank 1 is killed halfway through
+    copying the snapshot of step 8: that snapshot has no commit marker on rank 1 and no checkpoint in
+    storage, so the job resumes from step 5's checkpoint and snapshots, nothing torn read. Then, killed while
+    writing the checkpoint of step 8 to storage: its snapshot is complete in memory but was never persisted,
+    so the job again resumes from the checkpoint of step 5, with that checkpoint's snapshots: the ranks'
     memory was kept, so experts newer there than in storage come from memory, with fewer tokens lost than
     storage alone (a fault mid-training restores the same way: test_memory_lost_and_a_second_fault_double_k)."""
-    directory, out, shm, log = torchrun(tmp_path, ["write:8", "none"], k=1, k_snapshot=4)
-    report = check_restored(out, 1, resumed_at=6)[0]
-    assert _memory_experts(report) > 0 and 0 < report["plt"] < report["plt_storage"], report
+    directory, out, shm, log = torchrun(tmp_path, ["copy:8", "write:8", "none"], k=1, k_snapshot=4)
+    after_copy = check_restored(out, 1, resumed_at=6)[0]
+    assert _memory_experts(after_copy) > 0
+    assert not (restores(out)[1][0]["state"].keys() ^ restores(out)[1][1]["state"].keys())
+    after_write = check_restored(out, 2, resumed_at=6)[0]
+    assert _memory_experts(after_write) > 0 and 0 < after_write["plt"] < after_write["plt_storage"], after_write
     assert not list(shm.rglob("slot*")), "the clean end removed the snapshots"
-    assert (directory / "step-00000008").exists(), "the second launch wrote it again, whole"
+    assert (directory / "step-00000008").exists(), "the last launch wrote it again, whole"
     assert "did not finish" in log, "the half-written checkpoint was reported"
     assert not list(directory.glob(".tmp-*"))
-
-
-def test_sigkill_mid_snapshot_copy_uses_an_older_complete_version(tmp_path):
-    """Killed halfway through copying the snapshot of step 8: that snapshot has no commit marker on rank 1 and no
-    checkpoint in storage: the job resumes from step 5's checkpoint and snapshots, nothing torn read."""
-    directory, out, _, _ = torchrun(tmp_path, ["copy:8", "none"], k=1, k_snapshot=4)
-    report = check_restored(out, 1, resumed_at=6)[0]
-    assert _memory_experts(report) > 0
-    assert not (restores(out)[1][0]["state"].keys() ^ restores(out)[1][1]["state"].keys())
 
 
 def test_memory_lost_and_a_second_fault_double_k(tmp_path):
