@@ -4,12 +4,13 @@ Contract:   read(recording, spec, precision) → None; sets spec.route.dtype, sp
             spec.combine_dtype to the dtype the block computes that stage in where it casts to a lower
             precision for it (e.g. a bf16 grouped GEMM inside an fp32 model: inputs and weights cast down,
             results cast back), else None; spec.combine_sums_once when that combine is a matmul (one
-            rounding of each token's sum) rather than products and index_add (a rounding per step). Read from the recorded values: the router stage is the matmuls
-            that read the router weight, the experts' those that read an expert weight (through views and
-            casts: graph.param_read), the combine the ops that weight and sum the experts' outputs (after
-            their last matmuls, up to the block's result, expert biases aside). The lowering runs each stage
-            in its dtype (ir/lowering.py), so the rewrite rounds where the original does; validation checks
-            it against a float64 evaluation that keeps those casts (validation.py).
+            rounding of each token's sum) rather than products and index_add (a rounding per step).
+            Read from the recorded values: the router stage is the matmuls that read the router weight, the
+            experts' those that read an expert weight (through views and casts: graph.param_read), the
+            combine the ops that weight and sum the experts' outputs (after their last matmuls, up to the
+            block's result, expert biases aside). The lowering runs each stage in its dtype (ir/lowering.py),
+            so the rewrite rounds where the original does; validation checks it against a float64 evaluation
+            that keeps those casts (validation.py).
             With precision="model" (optimize's explicit option) the stages stay in the block's precision and
             spec.raised_stages records what the original rounds to, for explain() and validation's tolerance.
 A router or combine above the block's precision (DeepSeek-V3's fp32 router in a bf16 model) is left as
@@ -32,10 +33,11 @@ def read(rec: Recording, spec: MoESpec, precision: str = "original") -> None:
     if block is None or not block.is_floating_point:
         return
     experts = _names(spec.weights.w1, spec.weights.w2, spec.weights.w3)
+    combine_ops = _combine_ops(rec, spec)
     found = {"router": _below(_matmul_dtypes(rec, {spec.router.name}), block),
              "experts": _experts_dtype(rec, experts, block),
-             "combine": _below(_combine_dtypes(rec, spec), block)}
-    by_matmul = _combines_by_matmul(rec, spec, found["combine"])
+             "combine": _below({n.meta["val"].dtype for n in combine_ops}, block)}
+    by_matmul = _combines_by_matmul(combine_ops, found["combine"])
     found = {stage: dtype for stage, dtype in found.items() if dtype is not None}
     if precision == "model":
         spec.raised_stages = tuple(found.items())
@@ -84,16 +86,12 @@ def _combine_ops(rec: Recording, spec: MoESpec) -> list:
             and not any(param_read(rec, a) in expert_params for a in n.args)]
 
 
-def _combine_dtypes(rec: Recording, spec: MoESpec) -> set[torch.dtype]:
-    return {n.meta["val"].dtype for n in _combine_ops(rec, spec)}
-
-
-def _combines_by_matmul(rec: Recording, spec: MoESpec, dtype: torch.dtype | None) -> bool:
-    """Whether a combine in `dtype` is a matmul (GShard's einsum of the combine weights with the experts'
-    outputs): its operands are rounded to `dtype` and summed at higher precision, with one rounding of the
-    sum, where elementwise weighting and index_add round each product and each partial sum."""
-    return dtype is not None and any(n.target in MATMULS and n.meta["val"].dtype == dtype
-                                     for n in _combine_ops(rec, spec))
+def _combines_by_matmul(combine_ops: list, dtype: torch.dtype | None) -> bool:
+    """Whether a combine in `dtype` (its ops: _combine_ops) is a matmul (GShard's einsum of the combine
+    weights with the experts' outputs): its operands are rounded to `dtype` and summed at higher precision,
+    with one rounding of the sum, where elementwise weighting and index_add round each product and each
+    partial sum."""
+    return dtype is not None and any(n.target in MATMULS and n.meta["val"].dtype == dtype for n in combine_ops)
 
 
 def _below(found: set[torch.dtype], block: torch.dtype) -> torch.dtype | None:
