@@ -148,6 +148,7 @@ def check_restored(out, attempt, resumed_at):
     restored: non-expert state from the checkpoint, each expert from the step of its version (in storage or in
     memory), as saved by the newest attempt that saved that step. → the two ranks' reports."""
     after = restores(out)[attempt]
+    saved_states = {}  # path → the state saved there (each file once: there is a key per tensor below)
     for rank, restored in enumerate(after):
         assert restored["start"] == resumed_at
         report = restored["report"]
@@ -162,7 +163,9 @@ def check_restored(out, attempt, resumed_at):
                 step = report["older_experts"].get(layer, {}).get(expert, step)
             older += step != resumed_at - 1
             saved = max(out.glob(f"saved-a*-s{step}-r{rank}.pt"), key=lambda p: int(p.stem.split("-")[1][1:]))
-            assert torch.equal(value, torch.load(saved)[key]), (rank, key, step, saved.name)
+            if saved not in saved_states:
+                saved_states[saved] = torch.load(saved)
+            assert torch.equal(value, saved_states[saved][key]), (rank, key, step, saved.name)
         assert older > 0, "PEC with K=1: experts come from several checkpoints"
     assert after[0]["report"] == after[1]["report"], "every rank restored the same plan"
     return [r["report"] for r in after]
