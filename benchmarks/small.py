@@ -119,7 +119,8 @@ def layer_floor(block, xs, T, D, F_, E, k, rates, train: bool) -> float:
     return 1e3 * max(bytes_ / rates["bandwidth_Bps"], flops / rates["gemm_flops"])
 
 
-EVICT = torch.empty(16 << 20)  # 64 MiB of fp32: twice this machine's 32 MiB last-level cache
+EVICT = torch.ones(16 << 20)  # 64 MiB of fp32, twice this machine's 32 MiB last-level cache: written, so its
+# pages are real (an untouched torch.empty maps every page to the one zero page, and reading it evicts nothing)
 
 
 def evict_caches() -> None:
