@@ -208,6 +208,9 @@ def test_stacked_pays_where_most_experts_get_rows_and_padding_is_small():
     assert batched.stacked_pays([3, 3, 3, 3, 3, 1, 1, 0], 16)      # 7 of 8 experts, padding 1.5x
     assert not batched.stacked_pays([2, 2, 2, 2, 2, 2, 0, 0], 12)  # 6 of 8 experts: reads a third more
     assert not batched.stacked_pays([9, 1, 1, 1, 1, 1, 1, 1], 16)  # padding 4.5x the rows
+    # fewer slots than 85% of the experts cannot pay: the counts are not even read then
+    assert not batched.stacked_may_pay(6, 8) and batched.stacked_may_pay(7, 8)
+    assert not batched.stacked_may_pay(32, 64) and batched.stacked_may_pay(64, 64)
 
 
 def test_decode_on_threads_doubles_the_one_thread_bound_up_to_a_quarter_of_the_experts():

@@ -168,7 +168,7 @@ def batched_path(spec: MoESpec, indices: torch.Tensor) -> tuple[str | None, torc
                                                                                       spec.num_experts)
     if slots <= decode:
         return "decode", None
-    if threads > 1 and not torch.is_grad_enabled():
+    if threads > 1 and not torch.is_grad_enabled() and batched.stacked_may_pay(slots, spec.num_experts):
         counts = torch.bincount(indices.flatten(), minlength=spec.num_experts)          # [E]
         if batched.stacked_pays(counts.tolist(), slots):
             return "stacked", counts

@@ -17,6 +17,7 @@ from moecompile.kernels import backend as kernels
 from moecompile.kernels.activations import grad_buffer, is_stacked
 
 Tensors = list[Tensor]
+Parameter = torch.nn.Parameter
 op = torch.library.custom_op
 
 
@@ -25,10 +26,17 @@ _MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PR
 
 
 def _tracing(tensors) -> bool:
-    """Whether these op arguments are being traced (Dynamo, export, AOTAutograd) rather than run."""
-    if torch.compiler.is_compiling() or any(torch._C._get_dispatch_mode(key) is not None for key in _MODES):
+    """Whether these op arguments are being traced (Dynamo, export, AOTAutograd) rather than run. Plain loops
+    and the cheapest test first: called for every op of every eager call (a decode step's worth of µs)."""
+    for t in tensors:
+        if t is not None and type(t) is not Tensor and type(t) is not Parameter:
+            return True
+    if torch.compiler.is_compiling():
         return True
-    return any(type(t) not in (Tensor, torch.nn.Parameter) for t in tensors if t is not None)
+    for key in _MODES:
+        if torch._C._get_dispatch_mode(key) is not None:
+            return True
+    return False
 
 
 def _backward_op(custom, backend: str, *tensors: Tensor):

@@ -159,7 +159,8 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
     is the reference's loop: per-expert temporaries stay in cache, where writing [N, F] buffers that
     outlive the call made the elementwise ops up to 3x slower, and allocating GEMMs measured ~2.5% faster
     than `mm(out=)`. Below it the whole-call form wins: per visit two GEMM calls instead of six ops."""
-    N, F1, F_ = x_perm.shape[0], per_expert(w1, 3)[0].shape[0], per_expert(w2, 3)[0].shape[1]
+    # stacked [E, F1, D] or expert 0's [F1, D]: the sizes from the last dims (indexing an expert is an op)
+    N, F1, F_ = x_perm.shape[0], w1[0].shape[-2], w2[0].shape[-1]
     gated = w3 is not None or bool(fused)
     empty = (x_perm.new_empty(0, F1), *(x_perm.new_empty(0, F_) for _ in range(3)))
     if not save and N * F1 > SMALL_ROWS:
@@ -174,7 +175,7 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
     if activation == "clamped_swiglu":  # its backward recomputes from g1, u: a is not read
         a, h = x_perm.new_empty(N, F_), expert_activation(gate, up, activation, alpha, limit)
     else:
-        a = _act_into(x_perm.new_empty(N, F_), gate, activation)
+        a = expert_activation(gate, None, gate_activation(activation), alpha, limit)
         h = a * up if gated else empty[3]
     y = _grouped_linear(h if gated else a, live, offs, W2, B2, x_perm.shape[1])           # [N, D]
     return (y, g1, u, a, h) if save else (y, *empty)
@@ -214,9 +215,19 @@ def _grouped_mm_takes(a, b) -> bool:
     """Whether aten's CPU _grouped_mm (torch 2.13) accepts a [N, K] @ b [E, K, M]: fp32, bf16 or fp16, one
     dtype, and every stride and base address a multiple of 16 bytes (else it raises). Other devices keep
     the loop (CUDA's _grouped_mm has limits of its own; the Triton backend is the grouped path there)."""
-    return (a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16, torch.float16) and b.dtype == a.dtype
-            and all((s * t.element_size()) % 16 == 0 for t in (a, b) for s in t.stride() if s != 1)
-            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+    if a.device.type != "cpu" or a.dtype not in _GROUPED_MM_DTYPES or b.dtype != a.dtype:
+        return False
+    size = a.element_size()
+    for t in (a, b):  # plain loops: twice per eager call
+        if t.data_ptr() % 16:
+            return False
+        for s in t.stride():
+            if s != 1 and s * size % 16:
+                return False
+    return True
+
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _grouped_linear(rows, live, offs, W, B, width):
@@ -231,18 +242,6 @@ def _grouped_linear(rows, live, offs, W, B, width):
         else:
             torch.addmm(B[e], rows[s:s + n], W[e], out=out[s:s + n])
     return out
-
-
-def _act_into(out, g, activation):
-    """out = act(g) without a temporary (aten's out= kernels); returns out."""
-    base = gate_activation(activation)
-    if base == "silu":
-        return aten.silu.out(g, out=out)
-    if base in ("gelu", "gelu_tanh"):
-        return aten.gelu.out(g, approximate="tanh" if base == "gelu_tanh" else "none", out=out)
-    if base == "relu":
-        return torch.clamp_min(g, 0, out=out)
-    raise ValueError(f"unknown expert activation {activation!r}")
 
 
 def _act_backward_into(out, grad, g, activation):
