@@ -53,9 +53,10 @@ def decode_slots_on_threads(one_thread: int, num_experts: int) -> int:
     """The most slots decode_ffn takes on two or more CPU threads, given the most it takes on one
     (passes/select_kernels.decode_slots, bounded by the bytes its gather copies): twice that, the copy
     and the bmm then using every thread, up to a quarter of the experts. Measured here (2 threads, no_grad,
-    weights from memory, a layer's time): Qwen3-MoE-like experts (64 of 0.4 MB, top-8) at 2 tokens, 16
-    slots, 1.0 vs 1.4 ms through the grouped path; for Mixtral-like ones (8 of 6 MB, top-2) the copy lost
-    even at 1 token (1.5 vs 1.0 ms), and one-thread's bound already excludes them."""
+    a layer's time, caches evicted before each call): Qwen3-MoE-like experts (64 of 0.4 MB, top-8) at 1
+    token 0.88 vs 1.17 ms through the grouped path, at 2 tokens (16 slots) 1.39 vs 1.66 ms; for
+    Mixtral-like ones (8 of 6 MB, top-2) the copy lost even at 1 token (1.5 vs 1.0 ms, caches warm), and
+    one-thread's bound already excludes them."""
     return min(num_experts // 4, 2 * one_thread)
 
 
@@ -63,11 +64,13 @@ def stacked_pays(counts_list: list[int], slots: int) -> bool:
     """Whether stacked_ffn beats the grouped path (expert_ffn_forward) for a call whose experts got
     `counts_list` rows of `slots` in all, on two or more threads (on one, the grouped path is as fast or
     faster at every size measured). It reads every expert's weights, so it pays where nearly all of them
-    (≥ 85%) got rows, and its padding makes at most 3.5x the rows. Measured here (2 threads, no_grad,
-    weights from memory, a layer's time, grouped vs stacked): Qwen3-MoE-like experts (64 of 0.4 MB, top-8)
-    at 16 tokens (56 experts, padding 2.5-3.5x) 3.9-4.1 vs 2.9-3.6 ms, 32 tokens 4.3-5.4 vs 3.1-3.6, a tie
-    or a loss at 8 tokens (39-46 experts); Mixtral-like ones (8 of 6 MB, top-2) at 8 tokens (7-8 experts)
-    6.0-7.0 vs 5.2-5.6 ms, a loss at 4 tokens (6 experts, 2x padding: 3.9 vs 4.3-4.6 ms)."""
+    (≥ 85%) got rows, and its padding makes at most 3.5x the rows. Measured here (2 threads, no_grad, a
+    layer's time, grouped vs stacked), caches warm: Qwen3-MoE-like experts (64 of 0.4 MB, top-8) at 16
+    tokens (56 experts, padding 2.5-3.5x) 3.9-4.1 vs 2.9-3.6 ms, 32 tokens 4.3-5.4 vs 3.1-3.6, a tie or a
+    loss at 8 tokens (39-46 experts); Mixtral-like ones (8 of 6 MB, top-2) at 8 tokens (7-8 experts)
+    6.0-7.0 vs 5.2-5.6 ms, a loss at 4 tokens (6 experts, 2x padding: 3.9 vs 4.3-4.6 ms). With the caches
+    evicted before each call the lead shrinks, the stacked form reading more bytes: Qwen3-like at 16
+    tokens 4.6 vs 4.3 ms, and forced at 8 tokens a loss (3.4 vs 3.8)."""
     E = len(counts_list)
     live = sum(1 for n in counts_list if n)
     return _most(live, E) and 2 * E * max(counts_list) <= 7 * slots
