@@ -231,3 +231,41 @@ def test_no_batched_forms_for_per_expert_weights_or_reference_kernels(lifted):
     fast = moecompile.optimize(block, example_inputs=(x,), kernels="reference")
     spec = moecompile.explain(fast).moe_layers[0].spec
     assert spec.decode_slots == 0 and not spec.stacked_path
+
+
+def test_fast_path_for_plain_stacked_native_blocks_only(lifted):
+    assert lifted[2].fast_path
+    from tests.zoo import LoopBank
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 32)
+    fast = moecompile.optimize(LoopBank(e=16, k=2), example_inputs=(x,))
+    assert not moecompile.explain(fast).moe_layers[0].spec.fast_path          # per-expert weights
+    fast = moecompile.optimize(lifted[0], example_inputs=(x,), kernels="reference")
+    assert not moecompile.explain(fast).moe_layers[0].spec.fast_path
+
+
+@pytest.mark.parametrize("T", SIZES + [300])
+def test_fast_path_equals_the_general_path_and_the_original(lifted, T, monkeypatch):
+    """Without autograd, eager: lowering.fast_call (taken: counted) gives the general path's outputs, every
+    one of them, and the original's; at 300 tokens (N·F1 within SMALL_ROWS) on the grouped form."""
+    block, fast, spec = lifted
+    x = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(T))
+    taken = []
+    fast_call = lowering.fast_call
+    monkeypatch.setattr(lowering, "fast_call", lambda *a: taken.append(1) or fast_call(*a))
+    fast.eval()
+    with torch.no_grad():
+        got = fast(x)
+        monkeypatch.setattr(spec, "fast_path", False)
+        general = fast(x)
+        want = block(x)
+    assert taken == [1]
+    got, general, want = (t if isinstance(t, tuple) else (t,) for t in (got, general, want))
+    assert len(got) == len(general)
+    for a, b in zip(got, general):
+        assert close(a, b)
+    assert close(got[0], want[0])
+    with torch.enable_grad():
+        monkeypatch.setattr(spec, "fast_path", True)
+        fast(x)
+    assert taken == [1], "with autograd on, the general path"

@@ -16,7 +16,8 @@ one-hot cumsum.
 import torch
 
 from moecompile.kernels import reference
-from moecompile.kernels.activations import expert_activation, gate_activation, grad_buffer, per_expert, split_gate_up
+from moecompile.kernels.activations import (expert_activation, gate_activation, grad_buffer, is_stacked, per_expert,
+                                           split_gate_up)
 
 aten = torch.ops.aten
 # these forwards are plain torch: in eager, autograd through them costs no more than the closed-form backward
@@ -32,12 +33,19 @@ def route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n
     if n_group > 1 or score_bias is not None:
         return reference.route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n_group,
                                topk_group, group_score)
+    weights, indices = choose(logits, top_k, scoring, renormalize, scale)                    # [T, k] ×2
+    return weights, indices, torch.bincount(indices.flatten(), minlength=num_experts)
+
+
+def choose(logits, top_k, scoring, renormalize, scale):
+    """route's weights and indices [T, k] without a score bias or groups, and without its histogram (the
+    eager fast path, ir/lowering.fast_call, needs none)."""
     weights, indices = _small_topk(_scores(logits, scoring), top_k)                          # [T, k] ×2
     if renormalize:
         weights /= weights.sum(-1, keepdim=True)
     if scale != 1.0:
         weights *= scale
-    return weights, indices, torch.bincount(indices.flatten(), minlength=num_experts)
+    return weights, indices
 
 
 def _scores(logits, scoring):
@@ -161,24 +169,43 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
     than `mm(out=)`. Below it the whole-call form wins: per visit two GEMM calls instead of six ops."""
     # stacked [E, F1, D] or expert 0's [F1, D]: the sizes from the last dims (indexing an expert is an op)
     N, F1, F_ = x_perm.shape[0], w1[0].shape[-2], w2[0].shape[-1]
-    gated = w3 is not None or bool(fused)
     empty = (x_perm.new_empty(0, F1), *(x_perm.new_empty(0, F_) for _ in range(3)))
     if not save and N * F1 > SMALL_ROWS:
         return reference.expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit), *empty
     live = row_blocks(counts)
+    y, g1, u, a, h = whole_call_ffn(x_perm, live, _offsets(counts, live), w1, w2, w3, b1, b2, b3, activation, fused,
+                                    alpha, limit)
+    if not save:
+        return (y, *empty)
+    return y, g1, empty[1] if u is None else u, a, empty[3] if h is None else h
+
+
+def whole_call_ffn(x_perm, live, offs, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
+    """expert_ffn_forward's whole-call form → y [N, D], g1 [N, F1], u [N, F] (None without a separate up
+    projection), a [N, F], h [N, F] (None when not gated: h is a). `live` may be None where `offs` is
+    given and _grouped_mm takes every operand (grouped_mm_takes_all)."""
+    N, F1, F_ = x_perm.shape[0], w1[0].shape[-2], w2[0].shape[-1]
+    gated = w3 is not None or bool(fused)
     W1, W2, W3 = (_transposed(w) for w in (w1, w2, w3))     # [D, F1], [F, D], [D, F] per expert
     B1, B2, B3 = (per_expert(b, 2) for b in (b1, b2, b3))
-    offs = _offsets(counts, live)
     g1 = _grouped_linear(x_perm, live, offs, W1, B1, F1)                                   # [N, F1]
-    u = _grouped_linear(x_perm, live, offs, W3, B3, F_) if w3 is not None else empty[1]    # [N, F]
-    gate, up = split_gate_up(g1, u if w3 is not None else None, fused)
+    u = _grouped_linear(x_perm, live, offs, W3, B3, F_) if w3 is not None else None        # [N, F]
+    gate, up = split_gate_up(g1, u, fused)
     if activation == "clamped_swiglu":  # its backward recomputes from g1, u: a is not read
         a, h = x_perm.new_empty(N, F_), expert_activation(gate, up, activation, alpha, limit)
     else:
         a = expert_activation(gate, None, gate_activation(activation), alpha, limit)
-        h = a * up if gated else empty[3]
+        h = a * up if gated else None
     y = _grouped_linear(h if gated else a, live, offs, W2, B2, x_perm.shape[1])           # [N, D]
-    return (y, g1, u, a, h) if save else (y, *empty)
+    return y, g1, u, a, h
+
+
+def grouped_mm_takes_all(x_perm, w1, w2, w3) -> bool:
+    """Whether whole_call_ffn runs on _grouped_mm alone for rows x_perm [N, D] (and [N, F] activations):
+    stacked weights (no biases: the caller's part) that it takes."""
+    if not all(w is None or is_stacked(w, 3) for w in (w1, w2, w3)) or w2[0].shape[-1] * x_perm.element_size() % 16:
+        return False
+    return all(w is None or _grouped_mm_takes(x_perm, _transposed(w)) for w in (w1, w2, w3))
 
 
 def row_blocks(counts):
@@ -232,8 +259,9 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _grouped_linear(rows, live, offs, W, B, width):
     """rows [N, in] in expert row blocks `live` (row_blocks) → [N, width]: block e times W[e] (+ B[e]);
-    one _grouped_mm call where `offs` is given (_offsets) and it takes the operands."""
-    if offs is not None and B is None and torch.is_tensor(W) and _grouped_mm_takes(rows, W):
+    one _grouped_mm call where `offs` is given (_offsets) and it takes the operands (checked by the caller
+    when `live` is None: grouped_mm_takes_all)."""
+    if offs is not None and B is None and torch.is_tensor(W) and (live is None or _grouped_mm_takes(rows, W)):
         return torch._grouped_mm(rows, W, offs=offs)
     out = rows.new_empty(rows.shape[0], width)
     for e, s, n in live:

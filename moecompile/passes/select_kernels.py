@@ -12,6 +12,7 @@ Pseudo-code:
         (auto falls back to native where why_no_triton(device) gives a reason)
         decode_slots = the most tokens·k of a call that take the decode path (decode_slots below)
         stacked_path = stacked weights, native expert kernel, on CPU (stacked_path below)
+        fast_path = a plain block (fast_path below): eager calls without autograd skip the op wrappers
 
 Why these defaults: on CPU the native path (per-expert blocked GEMMs, fused activation backward, gathers
 instead of scatter-adds) is at least as fast as the reference (within noise) on every op of the large
@@ -41,6 +42,7 @@ def select_kernels(ctx: CompileContext) -> None:
                                    lifted.layer.name)
         spec.decode_slots = decode_slots(spec, lifted.block)
         spec.stacked_path = stacked_path(spec, lifted.block)
+        spec.fast_path = fast_path(spec, lifted.block)
 
 
 def kernels_for(choice: str, device: str, where: str) -> dict[str, str]:
@@ -82,6 +84,19 @@ def stacked_path(spec, block) -> bool:
     experts over a GPU already; the per-call host read of the counts would be a sync there)."""
     return (spec.kernels["expert_ffn"] == "native" and spec.router.get(block).device.type == "cpu"
             and _stacked(spec, block))
+
+
+def fast_path(spec, block) -> bool:
+    """Whether eager calls without autograd may take ir/lowering.fast_call: native kernels on CPU, stacked
+    expert weights without biases, and none of what it leaves to the general path: a capacity, buffer
+    updates, a score bias or expert groups, precisions of the block's own for the experts or the combine,
+    outputs other than out, logits and weights. (What later passes or the user may set, a shortcut,
+    expert parallelism, a routing override, is checked per call.)"""
+    w = spec.weights.fetch(block)
+    return (stacked_path(spec, block) and all(k == "native" for k in spec.kernels.values())
+            and not any(w[b] for b in ("b1", "b2", "b3")) and spec.capacity is None and not spec.buffer_updates
+            and spec.score_bias is None and spec.route.n_group == 1 and spec.expert.dtype is None
+            and spec.combine_dtype is None and set(spec.outputs) <= {"out", "logits", "weights"})
 
 
 def _stacked(spec, block) -> bool:
