@@ -104,7 +104,8 @@ class Report:
 
 
 def _batched_forms(s) -> list[str]:
-    """Which calls take the batched forms (ir/lowering.batched_path), by tokens per call."""
+    """Which calls take the batched forms (ir/lowering.batched_path), by tokens per call, and whether calls
+    without autograd take the eager fast path (ir/lowering.fast_call)."""
     def calls(slots: int) -> str:
         tokens = slots // s.route.top_k
         return "1-token calls" if tokens == 1 else f"calls of ≤ {tokens} tokens"
@@ -116,6 +117,8 @@ def _batched_forms(s) -> list[str]:
         parts.append(f"decode path (gather + bmm): {one}{more}")
     if s.stacked_path:
         parts.append("on ≥ 2 threads without autograd, one bmm over all experts where most get rows")
+    if s.fast_path:
+        parts.append("eager calls without autograd skip the canonical ops' wrappers")
     return parts
 
 

@@ -235,6 +235,7 @@ def test_no_batched_forms_for_per_expert_weights_or_reference_kernels(lifted):
 
 def test_fast_path_for_plain_stacked_native_blocks_only(lifted):
     assert lifted[2].fast_path
+    assert "skip the canonical ops' wrappers" in moecompile.explain(lifted[1]).moe_layers[0].details
     from tests.zoo import LoopBank
     torch.manual_seed(0)
     x = torch.randn(1, 4, 32)
