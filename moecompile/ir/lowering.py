@@ -43,10 +43,8 @@ def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
             or spec.capacity is not None or spec.routing.capacity_factor is not None or ops._tracing([x])
             or autocasting(x) is not None):
         return None
-    if spec.router_module is not None:
-        router = block.get_submodule(spec.router_module)
-        if router._forward_hooks or router._forward_pre_hooks:
-            return None
+    if spec.router_module is not None and _has_hooks(_submodule(block, spec.router_module)):
+        return None
     r, ex = spec.route, spec.expert
     tokens = flat_tokens(spec, block, x)                                                 # [T, D]
     logits = router_logits(spec, block, tokens)                                          # [T, E]
@@ -56,8 +54,8 @@ def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
         return finish_routed(spec, block, [Routed(tokens, logits, weights, indices, None, None, counts,
                                                   batched=form)], x)
     x_perm, order, counts = native.dispatch(tokens, indices, r.num_experts, -1, 0)        # [N, D], [N], [E]
-    weights_of = spec.weights.fetch(block)
-    w1, w2, w3 = weights_of["w1"], weights_of["w2"], weights_of["w3"] or None
+    ws = spec.weights  # stacked refs (fast_path): one [E, ...] tensor each, as the ops take them
+    w1, w2, w3 = [ws.w1.get(block)], [ws.w2.get(block)], None if ws.w3 is None else [ws.w3.get(block)]
     # the grouped form's range in expert_ffn_forward (_offsets, SMALL_ROWS), with the slots for the live experts
     if (indices.numel() * 4 < r.num_experts or x_perm.shape[0] * w1[0].shape[-2] > native.SMALL_ROWS
             or not native.grouped_mm_takes_all(x_perm, w1, w2, w3)):
@@ -70,6 +68,17 @@ def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     results = {"out": out.view(x.shape).to(x.dtype), "logits": logits, "weights": weights}
     picked = tuple(results[name] for name in spec.outputs)
     return picked[0] if len(picked) == 1 else picked
+
+
+def _submodule(block: nn.Module, name: str) -> nn.Module:
+    """block.get_submodule(name) by plain getattr (get_submodule's checks cost µs on every call)."""
+    for part in name.split("."):
+        block = getattr(block, part)
+    return block
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 @dataclasses.dataclass
@@ -97,8 +106,8 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
     r, kern = spec.route, spec.kernels
     tokens = flat_tokens(spec, block, routed_in)                                 # [T, D]
     if spec.router_module is not None:
-        router = block.get_submodule(spec.router_module)
-        if router._forward_hooks or router._forward_pre_hooks:
+        router = _submodule(block, spec.router_module)
+        if _has_hooks(router):
             # its hooks record what it returns (Hugging Face collects router logits for the aux loss
             # this way): call it so they see the same values; the routing below is still ours
             router(tokens if spec.router_module_flat else routed_in)
