@@ -36,7 +36,8 @@ def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     canonical ops' wrappers (ops.call's checks, the route's histogram and expert_ffn's placeholder outputs
     their schemas return) or what this call cannot need (capacity, expert parallelism, a load counter).
     Why: with the caches cold, where a decode step finds them, each op and layer of Python costs 10-20 µs
-    (a Mixtral-like layer at 1 token: 1.55 ms this way against 1.71 ms, Hugging Face's 1.63). None: the
+    (a Mixtral-like layer at 1 token, in turns with Hugging Face's: 1.71 against 1.63 ms before, 1.69
+    against 1.70 this way; docs/benchmarks.md, "Small sizes"). None: the
     call needs the general path (decided before any work); the batched forms and calls the grouped
     form does not cover finish there."""
     if (spec.shortcut is not None or spec.parallel is not None or spec.expert_load is not None
