@@ -10,7 +10,7 @@ from torch import nn
 
 from moecompile.ir import ops
 from moecompile.ir.choices import ChoiceRows, aux_loss, by_choice, renormalize_kept
-from moecompile.ir.spec import CapacitySpec, MoESpec
+from moecompile.ir.spec import CapacitySpec, MoESpec, attr_path
 from moecompile.kernels import batched, native
 
 
@@ -37,14 +37,13 @@ def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     their schemas return) or what this call cannot need (capacity, expert parallelism, a load counter).
     Why: with the caches cold, where a decode step finds them, each op and layer of Python costs 10-20 µs
     (a Mixtral-like layer at 1 token, in turns with Hugging Face's: 1.71 against 1.63 ms before, 1.69
-    against 1.70 this way; docs/benchmarks.md, "Small sizes"). None: the
-    call needs the general path (decided before any work); the batched forms and calls the grouped
-    form does not cover finish there."""
+    against 1.70 this way; docs/benchmarks.md, "Small sizes"). None: the call needs the general path
+    (decided before any work); the batched forms and calls the grouped form does not cover finish there."""
     if (spec.shortcut is not None or spec.parallel is not None or spec.expert_load is not None
             or spec.capacity is not None or spec.routing.capacity_factor is not None or ops._tracing([x])
             or autocasting(x) is not None):
         return None
-    if spec.router_module is not None and _has_hooks(_submodule(block, spec.router_module)):
+    if spec.router_module is not None and _has_hooks(attr_path(block, spec.router_module)):
         return None
     r, ex = spec.route, spec.expert
     tokens = flat_tokens(spec, block, x)                                                 # [T, D]
@@ -66,16 +65,13 @@ def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     out = native.combine_forward(y, order, weights, None)                                 # [T, D]
     if spec.shared is not None:
         out = out + shared_expert(spec, block, tokens)
-    results = {"out": out.view(x.shape).to(x.dtype), "logits": logits, "weights": weights}
+    return _picked(spec, {"out": out.view(x.shape).to(x.dtype), "logits": logits, "weights": weights})
+
+
+def _picked(spec: MoESpec, results: dict):
+    """The block's outputs from `results` (name → tensor), in the order spec.outputs names them."""
     picked = tuple(results[name] for name in spec.outputs)
     return picked[0] if len(picked) == 1 else picked
-
-
-def _submodule(block: nn.Module, name: str) -> nn.Module:
-    """block.get_submodule(name) by plain getattr (get_submodule's checks cost µs on every call)."""
-    for part in name.split("."):
-        block = getattr(block, part)
-    return block
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -107,7 +103,7 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
     r, kern = spec.route, spec.kernels
     tokens = flat_tokens(spec, block, routed_in)                                 # [T, D]
     if spec.router_module is not None:
-        router = _submodule(block, spec.router_module)
+        router = attr_path(block, spec.router_module)
         if _has_hooks(router):
             # its hooks record what it returns (Hugging Face collects router logits for the aux loss
             # this way): call it so they see the same values; the routing below is still ours
@@ -197,8 +193,7 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
     if spec.aux is not None:
         group = first.layout.group if first.layout else 0
         results["aux"] = aux_loss(spec.aux, first.logits, plain.indices[:, 0], group)
-    picked = tuple(results[name] for name in spec.outputs)
-    return picked[0] if len(picked) == 1 else picked
+    return _picked(spec, results)
 
 
 def batched_path(spec: MoESpec, indices: torch.Tensor) -> tuple[str | None, torch.Tensor | None]:
@@ -417,7 +412,7 @@ def capacity_rows(cap, tokens: int) -> int:
 
 def shared_expert(spec: MoESpec, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The dense expert every token passes, times its sigmoid gate when it has one: [T, D] → [T, D]."""
-    out = block.get_submodule(spec.shared)(tokens)
+    out = attr_path(block, spec.shared)(tokens)
     if spec.shared_gate is not None:
         gate_b = spec.shared_gate_bias.get(block) if spec.shared_gate_bias else None
         out = torch.sigmoid(F.linear(tokens, spec.shared_gate.get(block), gate_b)) * out
