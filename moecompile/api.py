@@ -43,7 +43,7 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
              shortcut: str | None = None,
              all_to_all: str = "auto", ranks_per_node: int | None = None,
              num_experts: int | None = None, upcycle_noise: float = 0.0, capacity_factor: float | None = None,
-             batch_prioritized: bool = False) -> nn.Module:
+             batch_prioritized: bool = False, decode_copy_bytes: int = 1 << 30) -> nn.Module:
     """Return an optimized model: same class, call signature, outputs, parameters and state_dict keys.
 
     The returned module is a structural copy of `model` that shares its `Parameter` and buffer objects (so
@@ -70,6 +70,11 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
             the original computes it in, also where it casts below the model's (a bf16 grouped GEMM in an
             fp32 model); "model": such stages compute in the model's precision instead, finer than the
             original's rounding (explain() says so per block; validation then allows that rounding's error).
+        decode_copy_bytes: the most bytes of expert-weight copies the model may keep for calls without autograd
+            of few tokens on CPU (decode): such calls run each expert as weighted sums of rows of an
+            input-major copy of its weights, about 2x faster than through the stored layout. A block's copy
+            is made at its first such call and renewed when its weights change; blocks are admitted in model
+            order while their copies fit (explain() says which). 0: no copies.
 
     Expert parallelism:
         mesh: a `torch.distributed` DeviceMesh; every rank keeps the experts its "ep" rank owns (E / ep each)
@@ -140,13 +145,15 @@ def optimize(model: nn.Module, example_inputs: tuple | None = None, example_kwar
                          "1-D mesh (adaptive parallelism spans the whole mesh: its r = 0 is data parallelism) "
                          "and no shortcut")
     _check_routing("optimize", capacity_factor, batch_prioritized)
+    if isinstance(decode_copy_bytes, bool) or not isinstance(decode_copy_bytes, int) or decode_copy_bytes < 0:
+        raise ValueError(f"moecompile.optimize: decode_copy_bytes={decode_copy_bytes!r}; expected a number of bytes >= 0")
     options = Options(validate=validate, tolerance=tolerance, pipeline=pipeline, kernels=kernels, precision=precision,
                       mesh=mesh,
                       placement=None if placement is None else tuple(placement), overlap=overlap,
                       parallelism=parallelism, all_to_all=all_to_all, ranks_per_node=ranks_per_node,
                       shortcut=shortcut, num_experts=num_experts, upcycle_noise=upcycle_noise,
                       capacity_factor=None if capacity_factor is None else float(capacity_factor),
-                      batch_prioritized=batch_prioritized)
+                      batch_prioritized=batch_prioritized, decode_copy_bytes=decode_copy_bytes)
     _refuse_sharded(model)
     if getattr(model, _STATE, False) is not False:  # optimize() of an optimize() result
         return _optimize_again(model, options, example_inputs, example_kwargs)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moecompile.ir.spec import MoESpec, dtype_name
-from moecompile.kernels import batched
+from moecompile.kernels import bagged, batched
 
 
 @dataclass
@@ -119,6 +119,11 @@ def _batched_forms(s) -> list[str]:
         parts.append("on ≥ 2 threads without autograd, one bmm over all experts where most get rows")
     if s.fast_path:
         parts.append("eager calls without autograd skip the canonical ops' wrappers")
+    if s.bag_slots >= s.route.top_k:
+        one = s.bag_slots // bagged.SLOTS_PER_EXPERT
+        parts.append(f"without autograd, {calls(s.bag_slots)} on ≥ 2 threads ("
+                     f"{calls(one) if one >= s.route.top_k else 'none'} on one): experts as weighted sums of rows "
+                     "of a copy of their weights (as many bytes again, made at the first such call)")
     return parts
 
 

@@ -7,7 +7,7 @@ import torch
 
 import moecompile
 from moecompile.ir import lowering
-from moecompile.kernels import batched, native
+from moecompile.kernels import bagged, batched, native
 from moecompile.kernels import reference as ref
 
 ROLES = ("w1", "w2", "w3", "b1", "b2", "b3")
@@ -270,3 +270,103 @@ def test_fast_path_equals_the_general_path_and_the_original(lifted, T, monkeypat
         monkeypatch.setattr(spec, "fast_path", True)
         fast(x)
     assert taken == [1], "with autograd on, the general path"
+
+
+# The bagged form (kernels/bagged.py): fast-path calls of few slots, over a kept copy of the weights.
+
+def _bag_counted(monkeypatch):
+    taken = []
+    bag_ffn = bagged.bag_ffn
+    monkeypatch.setattr(bagged, "bag_ffn", lambda *a: taken.append(1) or bag_ffn(*a))
+    return taken
+
+
+def _out(t):
+    return t[0] if isinstance(t, tuple) else t
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T", SIZES + [3 * E_ // K_, 3 * E_ // K_ + 1])
+def test_bagged_form_equals_the_original_where_it_is_taken(lifted, T, threads, monkeypatch):
+    """Calls without autograd of at most spec.bag_slots slots (E slots on one thread) take the bagged form
+    and equal the original; with autograd, and above the bound, the other paths run."""
+    block, fast, spec = lifted
+    assert spec.bag_slots == bagged.SLOTS_PER_EXPERT * E_
+    taken = _bag_counted(monkeypatch)
+    x = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(T))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got, want = _out(fast(x)), _out(block(x))
+        fast(x)  # autograd on: never the bagged form
+    finally:
+        torch.set_num_threads(before)
+    most = spec.bag_slots if threads > 1 else E_
+    assert taken == ([1] if 0 < T * K_ <= most else [])
+    assert close(got, want)
+
+
+def _change_in_place(block, fast):
+    with torch.no_grad():
+        block.experts.gate_up_proj.mul_(1.5)
+
+
+def _change_through_data(block, fast):
+    block.experts.down_proj.data.add_(0.25)  # bypasses the version counter: the sample sees it
+
+
+def _replace_parameter(block, fast):  # the optimized block shares Parameter objects, not attributes: set both
+    new = torch.nn.Parameter(block.experts.gate_up_proj.detach() * -1)
+    block.experts.gate_up_proj = fast.experts.gate_up_proj = new
+
+
+def _load_state_dict(block, fast):
+    block.load_state_dict({k: v * 0.5 for k, v in block.state_dict().items()})
+
+
+@pytest.mark.parametrize("change", [_change_in_place, _change_through_data, _replace_parameter, _load_state_dict])
+def test_bagged_form_follows_weight_changes(change):
+    """After the copy is made, the weights change (in place, through .data, a new Parameter, load_state_dict):
+    the next call uses the new weights, as the original does."""
+    block = qwen3_block()
+    fast = moecompile.optimize(block, example_inputs=(torch.randn(2, 8, 32),))
+    x = torch.randn(1, 2, 32)
+    with torch.inference_mode():  # the copy made in inference mode serves later no_grad calls too
+        fast(x)
+    change(block, fast)
+    with torch.no_grad():
+        assert close(_out(fast(x)), _out(block(x)))
+
+
+def test_decode_copy_bytes_bounds_the_copies():
+    block = qwen3_block()
+    x = (torch.randn(2, 8, 32),)
+    none = moecompile.optimize(block, example_inputs=x, decode_copy_bytes=0)
+    layer = moecompile.explain(none).moe_layers[0]
+    assert layer.spec.bag_slots == 0 and any("no decode copy" in n for n in layer.spec.notes)
+    e = block.experts
+    need = bagged.table_bytes(e.gate_up_proj, e.down_proj)
+    assert moecompile.optimize(block, example_inputs=x, decode_copy_bytes=need).__class__ is block.__class__
+    assert moecompile.explain(moecompile.optimize(block, example_inputs=x, decode_copy_bytes=need)
+                              ).moe_layers[0].spec.bag_slots > 0
+    with pytest.raises(ValueError, match="decode_copy_bytes"):
+        moecompile.optimize(block, decode_copy_bytes=-1)
+
+
+def test_the_copy_is_neither_saved_nor_copied(tmp_path):
+    """torch.save of an optimized block after a bagged call writes no copy of the weights; the loaded and
+    a deep-copied block give the same outputs."""
+    import copy
+    block = qwen3_block()
+    x = torch.randn(1, 2, 32)
+    torch.save(block, tmp_path / "plain.pt")
+    fast = moecompile.optimize(block, example_inputs=(torch.randn(2, 8, 32),))
+    with torch.no_grad():
+        want = _out(fast(x))
+    torch.save(fast, tmp_path / "fast.pt")
+    plain, saved = (tmp_path / "plain.pt").stat().st_size, (tmp_path / "fast.pt").stat().st_size
+    assert saved < plain + bagged.table_bytes(block.experts.gate_up_proj) // 2
+    loaded = torch.load(tmp_path / "fast.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(_out(loaded(x)), want) and torch.equal(_out(copy.deepcopy(fast)(x)), want)

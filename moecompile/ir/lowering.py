@@ -11,7 +11,7 @@ from torch import nn
 from moecompile.ir import ops
 from moecompile.ir.choices import ChoiceRows, aux_loss, by_choice, renormalize_kept
 from moecompile.ir.spec import CapacitySpec, MoESpec, attr_path
-from moecompile.kernels import batched, native
+from moecompile.kernels import bagged, batched, native
 
 
 def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
@@ -37,7 +37,8 @@ def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     their schemas return) or what this call cannot need (capacity, expert parallelism, a load counter).
     Why: with the caches cold, where a decode step finds them, each op and layer of Python costs 10-20 µs
     (a Mixtral-like layer at 1 token, in turns with Hugging Face's: 1.71 against 1.63 ms before, 1.69
-    against 1.70 this way; docs/benchmarks.md, "Small sizes"). None: the call needs the general path
+    against 1.70 this way; docs/benchmarks.md, "Small sizes"). Calls of at most spec.bag_slots token-slots
+    run the experts as kernels/bagged.py's weighted sums of rows. None: the call needs the general path
     (decided before any work); the batched forms and calls the grouped form does not cover finish there."""
     if (spec.shortcut is not None or spec.parallel is not None or spec.expert_load is not None
             or spec.capacity is not None or spec.routing.capacity_factor is not None or ops._tracing([x])
@@ -49,20 +50,29 @@ def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     tokens = flat_tokens(spec, block, x)                                                 # [T, D]
     logits = router_logits(spec, block, tokens)                                          # [T, E]
     weights, indices = native.choose(logits, r.top_k, r.scoring, r.renormalize, r.scale)  # [T, k] ×2
+    ws = spec.weights  # stacked refs (fast_path): one [E, ...] tensor each, as the ops take them
+    w1, w2, w3 = ws.w1.get(block), ws.w2.get(block), None if ws.w3 is None else ws.w3.get(block)
+    if 0 < indices.numel() <= bagged.slots_on_threads(spec.bag_slots) and tokens.dtype == w1.dtype:
+        out = bagged.bag_ffn(tokens, weights, indices, *bagged.tables_for(block, w1, w2, w3), ex.activation,
+                             ex.fused, ex.alpha, ex.limit)                                 # [T, D]
+        return _fast_out(spec, block, x, tokens, out, logits, weights)
     form, counts = batched_path(spec, indices)
     if form is not None:
         return finish_routed(spec, block, [Routed(tokens, logits, weights, indices, None, None, counts,
                                                   batched=form)], x)
     x_perm, order, counts = native.dispatch(tokens, indices, r.num_experts, -1, 0)        # [N, D], [N], [E]
-    ws = spec.weights  # stacked refs (fast_path): one [E, ...] tensor each, as the ops take them
-    w1, w2, w3 = [ws.w1.get(block)], [ws.w2.get(block)], None if ws.w3 is None else [ws.w3.get(block)]
+    w1, w2, w3 = [w1], [w2], None if w3 is None else [w3]
     # the grouped form's range in expert_ffn_forward (_offsets, SMALL_ROWS), with the slots for the live experts
     if (indices.numel() * 4 < r.num_experts or x_perm.shape[0] * w1[0].shape[-2] > native.SMALL_ROWS
             or not native.grouped_mm_takes_all(x_perm, w1, w2, w3)):
         return finish_routed(spec, block, [Routed(tokens, logits, weights, indices, order, x_perm, counts)], x)
     y = native.whole_call_ffn(x_perm, None, counts.cumsum(0, dtype=torch.int32), w1, w2, w3, None, None, None,
                               ex.activation, ex.fused, ex.alpha, ex.limit)[0]              # [N, D]
-    out = native.combine_forward(y, order, weights, None)                                 # [T, D]
+    return _fast_out(spec, block, x, tokens, native.combine_forward(y, order, weights, None), logits, weights)
+
+
+def _fast_out(spec, block, x, tokens, out, logits, weights):
+    """fast_call's outputs from the routed experts' sum `out` [T, D]: the shared expert added."""
     if spec.shared is not None:
         out = out + shared_expert(spec, block, tokens)
     return _picked(spec, {"out": out.view(x.shape).to(x.dtype), "logits": logits, "weights": weights})

@@ -30,6 +30,7 @@ class Options:
     batch_prioritized: bool = False       # keep slots by token importance when a capacity drops (V-MoE BPR)
     precision: str = "original"    # "original": each stage in the precision the block computes it in; "model": the
                                    # stages it casts below its own precision in its own (frontend/precision.py)
+    decode_copy_bytes: int = 1 << 30  # the most bytes of expert-weight copies CPU decode calls may keep (kernels/bagged.py)
 
 
 @dataclass

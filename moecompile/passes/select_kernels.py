@@ -13,6 +13,8 @@ Pseudo-code:
         decode_slots = the most tokens·k of a call that take the decode path (decode_slots below)
         stacked_path = stacked weights, native expert kernel, on CPU (stacked_path below)
         fast_path = a plain block (fast_path below): eager calls without autograd skip the op wrappers
+        bag_slots = fast-path fp32 blocks, in model order while their weight copies fit in
+                    options.decode_copy_bytes: SLOTS_PER_EXPERT·E (kernels/bagged.py); else 0
 
 Why these defaults: on CPU the native path (per-expert blocked GEMMs, fused activation backward, gathers
 instead of scatter-adds) is at least as fast as the reference (within noise) on every op of the large
@@ -23,8 +25,10 @@ kernels fuse what native does in several passes.
 """
 from __future__ import annotations
 
+import torch
+
 from moecompile.ir.spec import OPS
-from moecompile.kernels import why_no_triton
+from moecompile.kernels import bagged, why_no_triton
 from moecompile.kernels.activations import is_stacked
 from moecompile.passes.registry import CompileContext, register_pass
 
@@ -36,6 +40,7 @@ AUTO = {  # device type → backend per op
 
 @register_pass("select_kernels")
 def select_kernels(ctx: CompileContext) -> None:
+    copy_left = ctx.options.decode_copy_bytes
     for lifted in ctx.lifted:
         spec = lifted.layer.spec
         spec.kernels = kernels_for(ctx.options.kernels, spec.router.get(lifted.block).device.type,
@@ -43,6 +48,11 @@ def select_kernels(ctx: CompileContext) -> None:
         spec.decode_slots = decode_slots(spec, lifted.block)
         spec.stacked_path = stacked_path(spec, lifted.block)
         spec.fast_path = fast_path(spec, lifted.block)
+        spec.bag_slots, copy = bag_slots(spec, lifted.block, copy_left)
+        copy_left -= max(copy, 0)
+        if copy < 0:
+            spec.notes.append(f"no decode copy: its {-copy / 2**20:.1f} MiB exceed what optimize(decode_copy_bytes=) "
+                              f"leaves ({copy_left / 2**20:.1f} MiB)")
 
 
 def kernels_for(choice: str, device: str, where: str) -> dict[str, str]:
@@ -97,6 +107,23 @@ def fast_path(spec, block) -> bool:
             and not any(w[b] for b in ("b1", "b2", "b3")) and spec.capacity is None and not spec.buffer_updates
             and spec.score_bias is None and spec.route.n_group == 1 and spec.expert.dtype is None
             and spec.combine_dtype is None and set(spec.outputs) <= {"out", "logits", "weights"})
+
+
+def bag_slots(spec, block, copy_left: int) -> tuple[int, int]:
+    """(the most token-slots of a fast-path call that take kernels/bagged.py, the bytes of its weight copy)
+    for fast-path blocks whose expert weights are float32 (the form sums in its table's precision, where a
+    low-precision original rounds after each matmul) and whose copy fits in `copy_left`; (0, 0) for other
+    blocks, (0, -bytes) where only the copy does not fit."""
+    if not spec.fast_path:
+        return 0, 0
+    w = spec.weights.fetch(block)
+    stacked = [w[r][0] for r in ("w1", "w2", "w3") if w[r]]
+    nbytes = bagged.table_bytes(*stacked)
+    if any(t.dtype != torch.float32 for t in stacked):
+        return 0, 0
+    if nbytes > copy_left:
+        return 0, -nbytes
+    return bagged.SLOTS_PER_EXPERT * spec.num_experts, nbytes
 
 
 def _stacked(spec, block) -> bool:
