@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -34,13 +35,19 @@ def stable_malloc() -> None:
 def time_round_robin(steps: dict[str, tuple[Callable[[], object], Callable[[], None] | None]], *,
                      warmup: int = 2, iters: int = 5) -> dict[str, float]:
     """Median wall time in ms of each named `step()`, measured in turns: one call of every step per round,
-    so drift of a shared machine (other load, clock changes) reaches all of them alike.
+    so drift of a shared machine (other load, clock changes) reaches all of them alike. Each round takes
+    the steps in a new order (shuffled, seeded): a call can run slower right after a particular other one
+    (a 1-token MoE layer call ~10% slower right after Hugging Face's than after its own), and in a fixed
+    order one step would always follow the same other.
 
     Each value is (step, reset); `reset()` runs before every call, outside the timed region.
     """
     samples: dict[str, list[float]] = {name: [] for name in steps}
+    order, shuffle = list(steps), random.Random(0).shuffle
     for i in range(warmup + iters):
-        for name, (step, reset) in steps.items():
+        shuffle(order)
+        for name in order:
+            step, reset = steps[name]
             if reset is not None:
                 reset()
             t0 = time.perf_counter()

@@ -105,7 +105,7 @@ class Report:
 
 def _batched_forms(s) -> list[str]:
     """Which calls take the batched forms (ir/lowering.batched_path), by tokens per call, and whether calls
-    without autograd take the eager fast path (ir/lowering.fast_call)."""
+    without autograd take the eager fast path (ir/fast_path.fast_call)."""
     def calls(slots: int) -> str:
         tokens = slots // s.route.top_k
         return "1-token calls" if tokens == 1 else f"calls of ≤ {tokens} tokens"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moecompile
-from moecompile.ir import lowering
+from moecompile.ir import fast_path, lowering
 from moecompile.kernels import bagged, batched, native
 from moecompile.kernels import reference as ref
 
@@ -247,13 +247,13 @@ def test_fast_path_for_plain_stacked_native_blocks_only(lifted):
 
 @pytest.mark.parametrize("T", SIZES + [300])
 def test_fast_path_equals_the_general_path_and_the_original(lifted, T, monkeypatch):
-    """Without autograd, eager: lowering.fast_call (taken: counted) gives the general path's outputs, every
+    """Without autograd, eager: fast_path.fast_call (taken: counted) gives the general path's outputs, every
     one of them, and the original's; at 300 tokens (N·F1 within SMALL_ROWS) on the grouped form."""
     block, fast, spec = lifted
     x = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(T))
     taken = []
-    fast_call = lowering.fast_call
-    monkeypatch.setattr(lowering, "fast_call", lambda *a: taken.append(1) or fast_call(*a))
+    fast_call = fast_path.fast_call
+    monkeypatch.setattr(fast_path, "fast_call", lambda *a: taken.append(1) or fast_call(*a))
     fast.eval()
     with torch.no_grad():
         got = fast(x)

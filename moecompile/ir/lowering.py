@@ -11,14 +11,14 @@ from torch import nn
 from moecompile.ir import ops
 from moecompile.ir.choices import ChoiceRows, aux_loss, by_choice, renormalize_kept
 from moecompile.ir.spec import CapacitySpec, MoESpec, attr_path
-from moecompile.kernels import bagged, batched, native
+from moecompile.kernels import batched, native
 
 
 def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     """x [..., D] → the block's outputs, in the order `spec.outputs` names them. A shortcut-connected block
     (ScMoE) routes another input, the shortcut's, usually begun earlier, where that input appeared."""
     if spec.fast_path and not torch.is_grad_enabled():
-        results = fast_call(spec, block, x)
+        results = fast_path.fast_call(spec, block, x)
         if results is not None:
             return results
     if spec.shortcut is None:
@@ -30,61 +30,13 @@ def run_moe(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     return finish_routed(spec, block, branches, x)
 
 
-def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
-    """An eager call without autograd of a block select_kernels.fast_path admits: the kernels begin_routed
-    and finish_routed would run, called directly, the grouped experts on _grouped_mm alone, without the
-    canonical ops' wrappers (ops.call's checks, the route's histogram and expert_ffn's placeholder outputs
-    their schemas return) or what this call cannot need (capacity, expert parallelism, a load counter).
-    Why: with the caches cold, where a decode step finds them, each op and layer of Python costs 10-20 µs
-    (a Mixtral-like layer at 1 token, in turns with Hugging Face's: 1.71 against 1.63 ms before, 1.69
-    against 1.70 this way; docs/benchmarks.md, "Small sizes"). Calls of at most spec.bag_slots token-slots
-    run the experts as kernels/bagged.py's weighted sums of rows. None: the call needs the general path
-    (decided before any work); the batched forms and calls the grouped form does not cover finish there."""
-    if (spec.shortcut is not None or spec.parallel is not None or spec.expert_load is not None
-            or spec.capacity is not None or spec.routing.capacity_factor is not None or ops._tracing([x])
-            or autocasting(x) is not None):
-        return None
-    if spec.router_module is not None and _has_hooks(attr_path(block, spec.router_module)):
-        return None
-    r, ex = spec.route, spec.expert
-    tokens = flat_tokens(spec, block, x)                                                 # [T, D]
-    logits = router_logits(spec, block, tokens)                                          # [T, E]
-    weights, indices = native.choose(logits, r.top_k, r.scoring, r.renormalize, r.scale)  # [T, k] ×2
-    ws = spec.weights  # stacked refs (fast_path): one [E, ...] tensor each, as the ops take them
-    w1, w2, w3 = ws.w1.get(block), ws.w2.get(block), None if ws.w3 is None else ws.w3.get(block)
-    if 0 < indices.numel() <= bagged.slots_on_threads(spec.bag_slots) and tokens.dtype == w1.dtype:
-        out = bagged.bag_ffn(tokens, weights, indices, *bagged.tables_for(block, w1, w2, w3), ex.activation,
-                             ex.fused, ex.alpha, ex.limit)                                 # [T, D]
-        return _fast_out(spec, block, x, tokens, out, logits, weights)
-    form, counts = batched_path(spec, indices)
-    if form is not None:
-        return finish_routed(spec, block, [Routed(tokens, logits, weights, indices, None, None, counts,
-                                                  batched=form)], x)
-    x_perm, order, counts = native.dispatch(tokens, indices, r.num_experts, -1, 0)        # [N, D], [N], [E]
-    w1, w2, w3 = [w1], [w2], None if w3 is None else [w3]
-    # the grouped form's range in expert_ffn_forward (_offsets, SMALL_ROWS), with the slots for the live experts
-    if (indices.numel() * 4 < r.num_experts or x_perm.shape[0] * w1[0].shape[-2] > native.SMALL_ROWS
-            or not native.grouped_mm_takes_all(x_perm, w1, w2, w3)):
-        return finish_routed(spec, block, [Routed(tokens, logits, weights, indices, order, x_perm, counts)], x)
-    y = native.whole_call_ffn(x_perm, None, counts.cumsum(0, dtype=torch.int32), w1, w2, w3, None, None, None,
-                              ex.activation, ex.fused, ex.alpha, ex.limit)[0]              # [N, D]
-    return _fast_out(spec, block, x, tokens, native.combine_forward(y, order, weights, None), logits, weights)
-
-
-def _fast_out(spec, block, x, tokens, out, logits, weights):
-    """fast_call's outputs from the routed experts' sum `out` [T, D]: the shared expert added."""
-    if spec.shared is not None:
-        out = out + shared_expert(spec, block, tokens)
-    return _picked(spec, {"out": out.view(x.shape).to(x.dtype), "logits": logits, "weights": weights})
-
-
-def _picked(spec: MoESpec, results: dict):
+def picked(spec: MoESpec, results: dict):
     """The block's outputs from `results` (name → tensor), in the order spec.outputs names them."""
-    picked = tuple(results[name] for name in spec.outputs)
-    return picked[0] if len(picked) == 1 else picked
+    chosen = tuple(results[name] for name in spec.outputs)
+    return chosen[0] if len(chosen) == 1 else chosen
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
@@ -114,7 +66,7 @@ def begin_routed(spec: MoESpec, block: nn.Module, routed_in: torch.Tensor, avoid
     tokens = flat_tokens(spec, block, routed_in)                                 # [T, D]
     if spec.router_module is not None:
         router = attr_path(block, spec.router_module)
-        if _has_hooks(router):
+        if has_hooks(router):
             # its hooks record what it returns (Hugging Face collects router logits for the aux loss
             # this way): call it so they see the same values; the routing below is still ours
             router(tokens if spec.router_module_flat else routed_in)
@@ -203,7 +155,7 @@ def finish_routed(spec: MoESpec, block: nn.Module, branches: list[Routed], x: to
     if spec.aux is not None:
         group = first.layout.group if first.layout else 0
         results["aux"] = aux_loss(spec.aux, first.logits, plain.indices[:, 0], group)
-    return _picked(spec, results)
+    return picked(spec, results)
 
 
 def batched_path(spec: MoESpec, indices: torch.Tensor) -> tuple[str | None, torch.Tensor | None]:
@@ -427,3 +379,6 @@ def shared_expert(spec: MoESpec, block: nn.Module, tokens: torch.Tensor) -> torc
         gate_b = spec.shared_gate_bias.get(block) if spec.shared_gate_bias else None
         out = torch.sigmoid(F.linear(tokens, spec.shared_gate.get(block), gate_b)) * out
     return out
+
+
+from moecompile.ir import fast_path  # noqa: E402  (last: it calls this module's helpers)

@@ -251,7 +251,7 @@ class MoESpec:
                                        # decode_ffn), set by select_kernels; 0: never
     stacked_path: bool = False         # eager CPU calls may take kernels' stacked_ffn where it pays (set by
                                        # select_kernels: stacked weights, native kernels)
-    fast_path: bool = False            # eager calls without autograd may take lowering.fast_call (select_kernels)
+    fast_path: bool = False            # eager calls without autograd may take fast_path.fast_call (select_kernels)
     bag_slots: int = 0                 # ...and with tokens·k ≤ this, kernels/bagged.py (select_kernels); 0: never
     parallel: object | None = None     # runtime.expert_parallel.ExpertParallel, set by the expert_parallel pass
     shortcut: object | None = None     # passes.shortcut.Tap: the routed branch's input (ScMoE), else x itself

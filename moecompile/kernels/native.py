@@ -39,7 +39,7 @@ def route(logits, score_bias, num_experts, top_k, scoring, renormalize, scale, n
 
 def choose(logits, top_k, scoring, renormalize, scale):
     """route's weights and indices [T, k] without a score bias or groups, and without its histogram (the
-    eager fast path, ir/lowering.fast_call, needs none)."""
+    eager fast path, ir/fast_path.fast_call, needs none)."""
     weights, indices = _small_topk(_scores(logits, scoring), top_k)                          # [T, k] ×2
     if renormalize:
         weights /= weights.sum(-1, keepdim=True)

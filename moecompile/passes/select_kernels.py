@@ -97,7 +97,7 @@ def stacked_path(spec, block) -> bool:
 
 
 def fast_path(spec, block) -> bool:
-    """Whether eager calls without autograd may take ir/lowering.fast_call: native kernels on CPU, stacked
+    """Whether eager calls without autograd may take ir/fast_path.fast_call: native kernels on CPU, stacked
     expert weights without biases, and none of what it leaves to the general path: a capacity, buffer
     updates, a score bias or expert groups, precisions of the block's own for the experts or the combine,
     outputs other than out, logits and weights. (What later passes or the user may set, a shortcut,
