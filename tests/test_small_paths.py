@@ -370,3 +370,17 @@ def test_the_copy_is_neither_saved_nor_copied(tmp_path):
     loaded = torch.load(tmp_path / "fast.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(_out(loaded(x)), want) and torch.equal(_out(copy.deepcopy(fast)(x)), want)
+
+
+def test_bagged_form_turns_off_where_the_weights_change_every_call():
+    """Weights changed in place before every call (as a sharded model gathering them anew would): after
+    bagged.RENEWALS stale copies the block stops copying, says so, and stays equal to the original."""
+    block = qwen3_block()
+    fast = moecompile.optimize(block, example_inputs=(torch.randn(2, 8, 32),))
+    spec = moecompile.explain(fast).moe_layers[0].spec
+    x = torch.randn(1, 2, 32)
+    with torch.no_grad():
+        for _ in range(bagged.RENEWALS + 2):
+            block.experts.down_proj.mul_(1.01)
+            assert close(_out(fast(x)), _out(block(x)))
+    assert spec.bag_slots == 0 and any("turned off" in n for n in spec.notes)

@@ -31,9 +31,13 @@ def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
     ws = spec.weights  # stacked refs (fast_path): one [E, ...] tensor each, as the ops take them
     w1, w2, w3 = ws.w1.get(block), ws.w2.get(block), None if ws.w3 is None else ws.w3.get(block)
     if 0 < indices.numel() <= bagged.slots_on_threads(spec.bag_slots) and bagged.takes(tokens, w1, w2, w3):
-        out = bagged.bag_ffn(tokens, weights, indices, bagged.tables_for(block, w1, w2, w3), ex.activation,
-                             ex.fused, ex.alpha, ex.limit)                                 # [T, D]
-        return _outputs(spec, block, x, tokens, out, logits, weights)
+        kept = bagged.tables_for(block, w1, w2, w3)
+        if kept is not None:
+            out = bagged.bag_ffn(tokens, weights, indices, kept, ex.activation, ex.fused, ex.alpha, ex.limit)
+            return _outputs(spec, block, x, tokens, out, logits, weights)                  # out [T, D]
+        spec.bag_slots = 0
+        spec.notes.append(f"bagged decode form turned off: the expert weights changed between every two calls "
+                          f"({bagged.RENEWALS} copies in a row were stale at their next call)")
     form, counts = lowering.batched_path(spec, indices)
     if form is not None:
         routed = lowering.Routed(tokens, logits, weights, indices, None, None, counts, batched=form)

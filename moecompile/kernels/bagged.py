@@ -35,6 +35,7 @@ from moecompile.kernels.activations import expert_activation, split_gate_up
 SLOTS_PER_EXPERT = 3
 SAMPLE = 64  # elements of each source compared on every call
 PART_BYTES = 1 << 20  # the least a part of a cut bag reads (_bags)
+RENEWALS = 3  # copies made in a row, each stale at its first reuse, after which a block stops making them
 
 
 def bag_ffn(x, weights, indices, kept, activation, fused, alpha, limit):
@@ -78,9 +79,11 @@ def slots_on_threads(most: int) -> int:
 
 
 def takes(x, *weights) -> bool:
-    """Whether this call's tokens and weights suit the form: the tokens in the weights' dtype, the weights
-    contiguous (each call's check reads a strided view of each; a block's stacked Parameters are)."""
-    return all(w is None or (w.is_contiguous() and w.dtype == x.dtype) for w in weights)
+    """Whether this call's tokens and weights suit the form: fp32 on CPU, as select_kernels admitted the
+    block (a model moved or cast since keeps to the other paths), the weights contiguous (each call's
+    check reads a strided view of each; a block's stacked Parameters are)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and all(
+        w is None or (w.is_contiguous() and w.dtype == torch.float32 and w.device.type == "cpu") for w in weights)
 
 
 def table_bytes(*weights) -> int:
@@ -97,6 +100,8 @@ class Tables:
     rows_hidden: torch.Tensor     # [E, F] e·F + j: its rows of t2
     sources: list                 # per weight: (weakref to it, its data_ptr, its _version), None if absent
     samples: list                 # per weight: a view of SAMPLE of its elements, and their values
+    renewals: int = 0             # copies made in a row, each found stale at its first reuse
+    used: bool = False            # served a call after the one that made it
 
     def current(self, weights) -> bool:
         for w, source, (view, values) in zip(weights, self.sources, self.samples):
@@ -113,21 +118,27 @@ class Tables:
 _KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # block → Tables (not pickled or copied)
 
 
-def tables_for(block, w1, w2, w3) -> Tables:
+def tables_for(block, w1, w2, w3) -> Tables | None:
     """The tables of block's stacked weights w1 [E, F1, D], w2 [E, D, F], w3 [E, F, D] (None: absent), as
-    bag_ffn takes them: kept from an earlier call while current, else built now."""
+    bag_ffn takes them: kept from an earlier call while current, else built now. None where the weights
+    change between every two calls (RENEWALS copies in a row never reused: a sharded model's weights
+    gathered anew each call, say): the copy would cost each call more than the form saves."""
     weights = (w1, w2, w3)
-    kept = _KEPT.get(block)
+    kept = _KEPT.pop(block, None)  # popped: a stale copy is freed before the new one is made
     if kept is not None and kept.current(weights):
+        kept.used = True
+        _KEPT[block] = kept
         return kept
-    _KEPT.pop(block, None)  # free the stale copy before building the new one
+    renewals = 0 if kept is None or kept.used else kept.renewals + 1
+    if renewals >= RENEWALS:
+        return None
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, whatever mode the first call is in
         t1, t2, t3 = (None if w is None else w.transpose(1, 2).reshape(-1, w.shape[1]) for w in weights)
         E, F_, D = w2.shape[0], w2.shape[2], w2.shape[1]
         ids = functools.partial(torch.arange, device=w2.device)
         kept = Tables(t1, t2, t3, ids(E * D).view(E, D), ids(E * F_).view(E, F_),
                       [None if w is None else (weakref.ref(w), w.data_ptr(), w._version) for w in weights],
-                      [(None, None) if w is None else _sample(w) for w in weights])
+                      [(None, None) if w is None else _sample(w) for w in weights], renewals)
     _KEPT[block] = kept
     return kept
 
