@@ -14,14 +14,17 @@ Qwen3-MoE-like experts (64 of 0.4 MB, top-8) 2.1 at 1 token (1.27), 2.0 at 8 (1.
 (1.30), 1.07 at 16 (1.39). So calls of at most SLOTS_PER_EXPERT · E slots take it (select_kernels.bag_slots).
 On one thread the grouped path loses less: Qwen3-like 1.88 at 1 token (1.06), 1.43 at 8 (1.09), 1.08 at 32
 (1.02), but Mixtral-like, whose experts do not stay in a core's cache between slots, 1.21 at 1 token (1.00),
-0.97 at 8 (1.03), 0.81 at 12 (1.00): there, at most E slots (slots_on_threads).
+0.97 at 8 (1.03), 0.81 at 12 (1.00): there, at most E slots (slots_on_threads). (Those runs timed in a
+fixed order, the grouped path right after Hugging Face's, which reads its ratios up to ~10% low: at the
+3·E bound the two forms are then about level.)
 
 The copy costs the experts' bytes once more: it is built at the first call that takes this form (training
 never does), bounded over a model by optimize(decode_copy_bytes=), and rebuilt when its source changes: another
 tensor, another storage, or a bumped version counter (optimizer steps, load_state_dict, nn.init, in-place ops
 under no_grad all bump it). Writes through `.data` bypass the counter, so a fixed sample of each source's
 elements is compared with the copy's on every call too: a dense change (a merged adapter, an EMA update)
-cannot go unseen; a change of only a few elements outside the sample can.
+cannot go unseen; a change of only a few elements outside the sample can. Where the weights change between
+every two calls (RENEWALS copies in a row), the block stops copying (ir/fast_path.py).
 """
 import dataclasses
 import functools
