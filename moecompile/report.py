@@ -114,7 +114,8 @@ def _batched_forms(s) -> list[str]:
     if max(s.decode_slots, threaded) >= s.route.top_k:
         one = calls(s.decode_slots) if s.decode_slots >= s.route.top_k else "none"
         more = f" ({calls(threaded)} on ≥ 2 threads)" if threaded > s.decode_slots else ""
-        parts.append(f"decode path (gather + bmm): {one}{more}")
+        with_grad = " with autograd" if s.bag_slots else ""  # without it, the bagged form below
+        parts.append(f"decode path (gather + bmm){with_grad}: {one}{more}")
     if s.stacked_path:
         parts.append("on ≥ 2 threads without autograd, one bmm over all experts where most get rows")
     if s.fast_path:
