@@ -46,7 +46,7 @@ def close(a, b, rtol=2e-5):
 
 E_, K_ = 16, 4
 SIZES = [0, 1, K_, E_, 64]  # tokens: none, one (decode), k, E, many (prefill)
-KINDS = [("swiglu", "halves", False), ("swiglu", "", True), ("gelu", "", False),
+KINDS = [("swiglu", "halves", False), ("swiglu", "", True), ("swiglu", "", False), ("gelu", "", False),
          ("clamped_swiglu", "interleaved", True)]
 
 
@@ -384,3 +384,31 @@ def test_bagged_form_turns_off_where_the_weights_change_every_call():
             block.experts.down_proj.mul_(1.01)
             assert close(_out(fast(x)), _out(block(x)))
     assert spec.bag_slots == 0 and any("turned off" in n for n in spec.notes)
+
+
+@pytest.mark.parametrize("T", SIZES[1:])
+@pytest.mark.parametrize("activation,fused", [("swiglu", "halves"), ("swiglu", "interleaved"), ("swiglu", ""),
+                                              ("geglu", ""), ("gelu", "")])
+@pytest.mark.parametrize("cut", [False, True])
+def test_bag_ffn_equals_the_reference(T, activation, fused, cut, monkeypatch):
+    """bagged.bag_ffn over tables of stacked weights (fused halves or interleaved, a separate up projection,
+    none): the reference's dispatch → expert_ffn → combine; `cut`: every bag cut in parts over 4 threads."""
+    gen = torch.Generator().manual_seed(T + 200)
+    D, F = 8, 6
+    w = {r: None if t is None else t.detach() for r, t in expert_weights(E_, D, F, fused, False, gen).items()}
+    if activation == "gelu":
+        w["w3"] = None
+    indices = torch.rand(T, E_, generator=gen).topk(K_, -1).indices
+    weights = torch.rand(T, K_, generator=gen)
+    x = torch.randn(T, D, generator=gen)
+    want = reference_moe(x, weights, indices, w, E_, activation, fused)
+    kept = bagged.tables_for(torch.nn.Module(), w["w1"], w["w2"], w["w3"])
+    before = torch.get_num_threads()
+    if cut:
+        monkeypatch.setattr(bagged, "PART_BYTES", 0)
+        torch.set_num_threads(4)
+    try:
+        got = bagged.bag_ffn(x, weights, indices, kept, activation, fused, 1.702, 7.0)
+    finally:
+        torch.set_num_threads(before)
+    assert close(got, want)
