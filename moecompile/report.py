@@ -121,7 +121,7 @@ def _batched_forms(s) -> list[str]:
     if s.fast_path:
         parts.append("eager calls without autograd skip the canonical ops' wrappers")
     if s.bag_slots >= s.route.top_k:
-        one = s.bag_slots // bagged.SLOTS_PER_EXPERT
+        one = bagged.slots_on_threads(s.bag_slots, threads=1)
         parts.append(f"without autograd, {calls(s.bag_slots)} on ≥ 2 threads ("
                      f"{calls(one) if one >= s.route.top_k else 'none'} on one): experts as weighted sums of rows "
                      "of a copy of their weights (as many bytes again, made at the first such call)")

@@ -347,9 +347,9 @@ def test_decode_copy_bytes_bounds_the_copies():
     assert layer.spec.bag_slots == 0 and any("no decode copy" in n for n in layer.spec.notes)
     e = block.experts
     need = bagged.table_bytes(e.gate_up_proj, e.down_proj)
-    assert moecompile.optimize(block, example_inputs=x, decode_copy_bytes=need).__class__ is block.__class__
-    assert moecompile.explain(moecompile.optimize(block, example_inputs=x, decode_copy_bytes=need)
-                              ).moe_layers[0].spec.bag_slots > 0
+    fits = moecompile.optimize(block, example_inputs=x, decode_copy_bytes=need)
+    assert fits.__class__ is block.__class__
+    assert moecompile.explain(fits).moe_layers[0].spec.bag_slots > 0
     with pytest.raises(ValueError, match="decode_copy_bytes"):
         moecompile.optimize(block, decode_copy_bytes=-1)
 
