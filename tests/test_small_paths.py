@@ -412,3 +412,16 @@ def test_bag_ffn_equals_the_reference(T, activation, fused, cut, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert close(got, want)
+
+
+def test_bag_ffn_reads_the_tables_last_rows():
+    """Every token routed to the last expert, whose rows end both tables: none of them is skipped (aten's
+    embedding_bag takes a padding_idx, and -1 there means the table's last row, not none)."""
+    gen = torch.Generator().manual_seed(5)
+    D, F = 8, 6
+    w = {r: None if t is None else t.detach() for r, t in expert_weights(E_, D, F, "halves", False, gen).items()}
+    indices = torch.full((3, 1), E_ - 1)
+    weights, x = torch.rand(3, 1, generator=gen), torch.randn(3, D, generator=gen)
+    kept = bagged.tables_for(torch.nn.Module(), w["w1"], w["w2"], w["w3"])
+    got = bagged.bag_ffn(x, weights, indices, kept, "swiglu", "halves", 1.702, 7.0)
+    assert close(got, reference_moe(x, weights, indices, w, E_, "swiglu", "halves"))

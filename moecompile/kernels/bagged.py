@@ -31,7 +31,6 @@ import functools
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from moecompile.kernels.activations import expert_activation, split_gate_up
 
@@ -70,10 +69,20 @@ def _bags(rows, table, v, threads):
     parts = 1
     while B * parts < threads and n % (2 * parts) == 0 and n // (2 * parts) * row_bytes >= PART_BYTES:
         parts *= 2
-    if parts == 1:
-        return F.embedding_bag(rows, table, mode="sum", per_sample_weights=v)
-    cut = (B * parts, n // parts)
-    return F.embedding_bag(rows.view(cut), table, mode="sum", per_sample_weights=v.view(cut)).view(B, parts, -1).sum(1)
+    # aten's op itself, with kept offsets, not F.embedding_bag (its checks, an arange and a reshape per call):
+    # a 1-token layer call 1.13 → 1.06 ms Qwen3-MoE-like, 1.51 → 1.44 Mixtral-like (in turns, caches evicted).
+    # padding_idx None: -1 would name the table's last row
+    out = torch.embedding_bag(table, rows.view(-1), _starts(B * parts, n // parts, rows.device), False, 0, False,
+                              v.reshape(-1), False, None)[0]                                 # [B·parts, out]
+    return out if parts == 1 else out.view(B, parts, -1).sum(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _starts(bags: int, size: int, device: torch.device) -> torch.Tensor:
+    """Offsets of `bags` bags of `size` rows each, made once per shape (a plain tensor, whatever mode the
+    first call is in)."""
+    with torch.inference_mode(False):
+        return torch.arange(0, bags * size, size, device=device)
 
 
 def slots_on_threads(most: int, threads: int | None = None) -> int:
