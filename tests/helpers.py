@@ -90,3 +90,9 @@ def expert_parallel_check(rank: int, ws: int, make) -> tuple[dict[str, float], d
         dist.all_reduce(total)
         buffers[name] = (torch.equal(b, own[name]), torch.equal(total, dict(eager.named_buffers())[name]))
     return errors, buffers
+
+
+def run_jobs(rank: int, ws: int, jobs: dict) -> dict:
+    """A run_ranks target running several tests' jobs ({name: (fn, *args)}) in turn on the same ranks → {name:
+    fn(rank, ws, *args)}: one spawn (a process and `import torch` per rank, seconds each) for all of them."""
+    return {name: fn(rank, ws, *args) for name, (fn, *args) in jobs.items()}

@@ -19,7 +19,7 @@ from moecompile.passes.inductor_kernels import InductorKernels, op_name
 from moecompile.validation import max_relative_error
 from tests import hf_zoo
 from moecompile.runtime.spawn import run_ranks
-from tests.helpers import assert_same_training_step, loss_of
+from tests.helpers import assert_same_training_step, loss_of, run_jobs
 from tests.zoo import BiasedBank, EinsumBank, LoopBank, Net
 
 EAGER = {"compiler": "eager"}
@@ -33,6 +33,13 @@ def _gpt():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (2, 16))
     return gpt_moe(n_layer=4, d_model=32, d_ff=64, n_head=2, max_seq=16, num_experts=4), (x, x), {}
+
+
+def _two_moe_blocks():
+    """_gpt()'s model without its two dense blocks: the same two MoE blocks in one graph, for the tests that
+    generate code (Inductor: the dense blocks' code costs ~15 s per process here and is not what they test)."""
+    torch.manual_seed(0)
+    return gpt_moe(n_layer=2, moe_every=1, d_model=32, d_ff=64, n_head=2, max_seq=16, num_experts=4)
 
 
 def _compiled(model, fullgraph=True, **options):
@@ -143,10 +150,10 @@ def test_an_optimized_model_compiles():
 
 def _expert_parallel_compiled(rank, ws, options, compiler="eager"):
     """Max relative error of 3 compiled training steps (new tokens each) against the uncompiled model, and how
-    many times Dynamo called the backend."""
+    many times Dynamo called the backend (two MoE blocks: two blocks' exchanges in one graph)."""
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("ep",))
-    model, _, _ = _gpt()
+    model = _two_moe_blocks()
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
     fast = moecompile.optimize(model, (x, x), mesh=mesh, **options)
     params = dict(fast.named_parameters())
@@ -169,24 +176,35 @@ def _expert_parallel_compiled(rank, ws, options, compiler="eager"):
     return max(errors), len(calls)
 
 
-@pytest.mark.parametrize("options, compiler", [({}, "eager"), ({"overlap": 2, "capacity_factor": 1.0}, "eager"),
-                                               ({"overlap": 2, "shortcut": "scmoe"}, "eager"),
-                                               ({"overlap": 2}, "inductor")],
-                         ids=["degree1", "degree2-capacity", "degree2-scmoe", "degree2-inductor"])
-def test_an_expert_parallel_model_compiles_into_one_graph(options, compiler):
+EXPERT_PARALLEL = {"degree1": ({}, "eager"), "degree2-capacity": ({"overlap": 2, "capacity_factor": 1.0}, "eager"),
+                   "degree2-scmoe": ({"overlap": 2, "shortcut": "scmoe"}, "eager"),
+                   "degree2-inductor": ({"overlap": 2}, "inductor"), "adaptive": ({"parallelism": "adaptive"}, "eager")}
+
+
+@pytest.fixture(scope="module")
+def expert_parallel_runs():
+    """Every case of EXPERT_PARALLEL on the same 2 gloo ranks, one after the other (each resets Dynamo): one
+    spawn for all instead of one per test → {case: [each rank's (error, compilations)]}."""
+    jobs = {case: (_expert_parallel_compiled, *args) for case, args in EXPERT_PARALLEL.items()}
+    results = run_ranks(run_jobs, 2, jobs)
+    return {case: [r[case] for r in results] for case in jobs}
+
+
+@pytest.mark.parametrize("case", [c for c in EXPERT_PARALLEL if c != "adaptive"])
+def test_an_expert_parallel_model_compiles_into_one_graph(case, expert_parallel_runs):
     """An expert-parallel model (2 gloo ranks) compiles with fullgraph=True: the all-to-alls are functional
     collectives on unbacked split sizes, so new routing does not recompile; every step equals the uncompiled
     model (outputs and gradients), under the eager compiler and Inductor."""
-    for error, compilations in run_ranks(_expert_parallel_compiled, 2, options, compiler):
-        assert error < 1e-5
-        assert compilations == 1, f"compiled {compilations} times for 3 steps with new routing"
+    for error, compilations in expert_parallel_runs[case]:
+        assert error < 1e-5, f"{case}: relative error {error:.2e}"
+        assert compilations == 1, f"{case}: compiled {compilations} times for 3 steps with new routing"
 
 
-def test_adaptive_parallelism_compiles_with_graph_breaks():
+def test_adaptive_parallelism_compiles_with_graph_breaks(expert_parallel_runs):
     """Adaptive parallelism's table measures and switches r per call, which Dynamo cannot trace: it compiles
     with graph breaks and still equals the uncompiled model at every step (its trials included)."""
-    for error, _ in run_ranks(_expert_parallel_compiled, 2, {"parallelism": "adaptive"}):
-        assert error < 1e-5
+    for error, _ in expert_parallel_runs["adaptive"]:
+        assert error < 1e-5, f"relative error {error:.2e}"
 
 
 def test_options_are_checked():
@@ -225,7 +243,7 @@ def test_inductor_trains_equal_to_eager(monkeypatch):
     graph's expert_ffn_backward move to triton together, route, dispatch and combine to reference, and
     training still equals eager."""
     monkeypatch.setattr(inductor_kernels, "_timed", lambda family, device, signature, b: _RANKED[b])
-    model, args, kwargs = _gpt()
+    model, (args, kwargs) = _two_moe_blocks(), _gpt()[1:]
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="moecompile", options={"autotune": True}, fullgraph=True)
     assert_same_training_step(model, compiled, args, kwargs)

@@ -1,10 +1,13 @@
 """Expert parallelism on 2 and 4 gloo processes equals one process: outputs and every gradient.
 
-Each test spawns its ranks once (moecompile/runtime/spawn.py) and runs a list of cases in them; every rank returns
-the worst relative error per case and the test asserts on each. Rank r trains on slice r of a global batch
-that every rank can rebuild from a seed; the single-process reference runs the whole global batch.
+The tests of one world size share one spawn of their ranks (moecompile/runtime/spawn.py; a module fixture per
+world size runs every test's list of cases there, one test after the other: a spawn and its imports cost ~5 s
+for 2 ranks, ~9 s for 4); every rank returns the worst relative error per case and each test asserts on its
+own. Rank r trains on slice r of a global batch that every rank can rebuild from a seed; the single-process
+reference runs the whole global batch.
 """
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from moecompile.runtime.expert_parallel import ExpertParallel, Placement, reduce
 from moecompile.validation import max_relative_error
 from tests import hf_families, hf_zoo
 from moecompile.runtime.spawn import run_ranks
+from tests.helpers import run_jobs
 from tests.zoo import BiasedBank, EinsumBank, LoopBank, Net
 
 TOL = 1e-5
@@ -102,9 +106,9 @@ def test_mesh_needs_example_inputs():
 
 
 @pytest.mark.parametrize("ws", [2, 4])
-def test_runtime_matches_one_process(ws):
+def test_runtime_matches_one_process(ws, ranks):
     cases = RUNTIME_CASES[ws]
-    results = run_ranks(_runtime_cases, ws, cases)
+    results = ranks(ws, "runtime")
     for name in cases:
         worst = max(r[name] for r in results)
         assert worst < TOL, f"{ws} ranks, {name}: relative error {worst:.2e}"
@@ -252,23 +256,24 @@ OTHER_FAMILIES = {f"{f} (pipelined)": (f, 2) for f in [*sorted(hf_zoo.FAMILIES),
 
 
 @pytest.mark.parametrize("mesh_shape", [(2,), (4,), (2, 2)], ids=["ep2", "ep4", "dp2xep2"])
-def test_models_match_one_process(mesh_shape):
-    ws = 1
-    for s in mesh_shape:
-        ws *= s
+def test_models_match_one_process(mesh_shape, ranks):
     cases = {**MODEL_CASES, **OTHER_FAMILIES} if mesh_shape == (2,) else MODEL_CASES
-    results = run_ranks(_model_cases, ws, mesh_shape, cases)
+    results = ranks(math.prod(mesh_shape), f"models {mesh_shape}")
     for name in list(cases) + ["experts that do not divide"]:
         worst = max(r[name] for r in results)
         assert worst < TOL, f"{mesh_shape}: {name}: relative error {worst:.2e}"
 
 
-def test_more_families_match_one_process():
-    """The 20 further Hugging Face families of the core issue (tests/hf_families.py), on 2 ranks."""
+def _more_families():
     import transformers
-    cases = {f: (f, 2) for f, (model_cls, _, _) in sorted(hf_families.FAMILIES.items())
-             if hasattr(transformers, model_cls)}
-    results = run_ranks(_model_cases, 2, (2,), cases)
+    return {f: (f, 2) for f, (model_cls, _, _) in sorted(hf_families.FAMILIES.items())
+            if hasattr(transformers, model_cls)}
+
+
+def test_more_families_match_one_process(ranks):
+    """The 20 further Hugging Face families of the core issue (tests/hf_families.py), on 2 ranks."""
+    cases = _more_families()
+    results = ranks(2, "more families")
     for name in cases:
         worst = max(r[name] for r in results)
         assert worst < TOL, f"{name}: relative error {worst:.2e}"
@@ -301,7 +306,34 @@ def _ddp_case(rank, ws, mesh_shape):
 
 
 @pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)], ids=["ep2", "dp2xep2"])
-def test_ddp_composition(mesh_shape):
-    ws = 2 if mesh_shape == (2,) else 4
-    worst = max(run_ranks(_ddp_case, ws, mesh_shape))
+def test_ddp_composition(mesh_shape, ranks):
+    worst = max(ranks(math.prod(mesh_shape), f"ddp {mesh_shape}"))
     assert worst < TOL, f"relative error {worst:.2e}"
+
+
+def _jobs(ws):
+    """Every test's job on `ws` ranks, by name: (function, *arguments after rank and world size)."""
+    shapes = [(2,)] if ws == 2 else [(4,), (2, 2)]
+    jobs = {"runtime": (_runtime_cases, RUNTIME_CASES[ws])}
+    for shape in shapes:
+        jobs[f"models {shape}"] = (_model_cases, shape, {**MODEL_CASES, **OTHER_FAMILIES} if shape == (2,)
+                                   else MODEL_CASES)
+    if ws == 2:
+        jobs["more families"] = (_model_cases, (2,), _more_families())
+    for shape in [(2,)] if ws == 2 else [(2, 2)]:
+        jobs[f"ddp {shape}"] = (_ddp_case, shape)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """ranks(ws, job) → each rank's result of that job, every job of `ws` ranks run in one spawn the first
+    time one of them is asked for (each job builds its own meshes, models and data from seeds)."""
+    done = {}
+
+    def result(ws, job):
+        if ws not in done:
+            per_rank = run_ranks(run_jobs, ws, _jobs(ws))
+            done[ws] = {name: [r[name] for r in per_rank] for name in per_rank[0]}
+        return done[ws][job]
+    return result

@@ -1,9 +1,10 @@
 """The hierarchical (2D) all-to-all on 4 gloo ranks as 2 nodes × 2 equals the flat one, and a model optimized
 with it equals one process.
 
-Each test spawns its ranks once (moecompile/runtime/spawn.py) and runs its cases in them, as test_expert_parallel.py
-does, whose model harness the second test reuses.
+Both tests share one spawn of the 4 ranks (moecompile/runtime/spawn.py; ~9 s of spawn and imports saved), which runs
+each test's cases in turn, as test_expert_parallel.py does, whose model harness the second test reuses.
 """
+import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -12,6 +13,7 @@ import moecompile
 from moecompile.runtime import all_to_all as a2a
 from moecompile.runtime.hierarchical import Hierarchy
 from moecompile.runtime.spawn import run_ranks
+from tests.helpers import run_jobs
 from tests.test_expert_parallel import TOL, _build, _global_batch, _model_cases, _slice
 
 W = 4
@@ -68,11 +70,19 @@ def _exchange_cases(rank, ws, cases):
     return errors
 
 
-def test_2d_exchange_equals_flat():
-    results = run_ranks(_exchange_cases, W, EXCHANGE_CASES)
+def test_2d_exchange_equals_flat(runs):
+    results = runs["exchange"]
     for name in [*EXCHANGE_CASES, "two in flight, waited out of order"]:
         worst = max(r[name] for r in results)
         assert worst == 0, f"{name}: differs from the flat all-to-all by {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """{"exchange" | "models": each rank's result}: both tests' cases, run in one spawn of the W ranks."""
+    per_rank = run_ranks(run_jobs, W, {"exchange": (_exchange_cases, EXCHANGE_CASES),
+                                       "models": (_model_2d_cases, MODEL_CASES)})
+    return {name: [r[name] for r in per_rank] for name in per_rank[0]}
 
 
 # ---- whole models: optimize(mesh, all_to_all="2dh", ranks_per_node=2) on a 4-rank ep mesh ------------------
@@ -105,8 +115,8 @@ def _model_2d_cases(rank, ws, cases):
     return errors
 
 
-def test_models_with_2d_exchange_match_one_process():
-    results = run_ranks(_model_2d_cases, W, MODEL_CASES)
+def test_models_with_2d_exchange_match_one_process(runs):
+    results = runs["models"]
     for name in [*MODEL_CASES, "2D exchanges ran", "auto: explain shows the choice and both predictions"]:
         worst = max(r[name] for r in results)
         assert worst < TOL, f"{name}: relative error {worst:.2e}"
