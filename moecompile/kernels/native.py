@@ -16,6 +16,7 @@ one-hot cumsum.
 import torch
 
 from moecompile.kernels import reference
+from moecompile.kernels.padded import Padded
 from moecompile.kernels.activations import (expert_activation, gate_activation, grad_buffer, is_stacked, per_expert,
                                            split_gate_up)
 
@@ -173,8 +174,9 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
     if not save and N * F1 > SMALL_ROWS:
         return reference.expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit), *empty
     live = row_blocks(counts)
-    y, g1, u, a, h = whole_call_ffn(x_perm, live, _offsets(counts, live), w1, w2, w3, b1, b2, b3, activation, fused,
-                                    alpha, limit)
+    padded = save and x_perm.dtype == torch.float32  # Padded: measured in fp32 only
+    y, g1, u, a, h = whole_call_ffn(x_perm, live, _offsets(counts, live, padded), w1, w2, w3, b1, b2, b3, activation,
+                                    fused, alpha, limit)
     if not save:
         return (y, *empty)
     return y, g1, empty[1] if u is None else u, a, empty[3] if h is None else h
@@ -229,12 +231,14 @@ def _transposed(ws):
     return w.transpose(-2, -1) if torch.is_tensor(w) else [t.t() for t in w]
 
 
-def _offsets(counts, live):
+def _offsets(counts, live, padded=False):
     """int32 end row of each expert's block, for torch._grouped_mm, when at least a quarter of the experts
     have rows (None otherwise). aten's CPU _grouped_mm loops over all E groups in C++, empty ones
     included: cheaper than a Python visit per expert from there on (64 experts, top-8: from 4 tokens;
     8 experts, top-2: from 1 token, 1.97 vs 2.06 ms a Mixtral-like layer, 1 thread), dearer at decode
-    sizes of many experts (1 token: 8 of 64)."""
+    sizes of many experts (1 token: 8 of 64). With `padded` (a call with autograd), a Padded where it pays."""
+    if padded and Padded.pays(live, counts):
+        return Padded(live, counts)
     return counts.cumsum(0, dtype=torch.int32) if len(live) * 4 >= counts.shape[0] else None
 
 
@@ -261,7 +265,9 @@ def _grouped_linear(rows, live, offs, W, B, width):
     """rows [N, in] in expert row blocks `live` (row_blocks) → [N, width]: block e times W[e] (+ B[e]);
     one _grouped_mm call where `offs` is given (_offsets) and it takes the operands (checked by the caller
     when `live` is None: grouped_mm_takes_all)."""
-    if offs is not None and B is None and torch.is_tensor(W) and (live is None or _grouped_mm_takes(rows, W)):
+    if isinstance(offs, Padded) and B is None and torch.is_tensor(W):
+        return offs.linear(rows, W)
+    if torch.is_tensor(offs) and B is None and torch.is_tensor(W) and (live is None or _grouped_mm_takes(rows, W)):
         return torch._grouped_mm(rows, W, offs=offs)
     out = rows.new_empty(rows.shape[0], width)
     for e, s, n in live:
@@ -299,7 +305,7 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
     had no rows get zeros. The input-side GEMMs run as the forward's (_grouped_linear), the weight
     gradients per live expert, around one elementwise pass over all rows."""
     live = row_blocks(counts)
-    offs = _offsets(counts, live)
+    offs = _offsets(counts, live, padded=x_perm.dtype == torch.float32)
     W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
     g1, u, a, h = saved
     gated, has_u, has_bias = w3 is not None or bool(fused), w3 is not None, b1 is not None
@@ -307,11 +313,12 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
     # one _grouped_mm per weight gradient (groups along the rows: [out, N] @ [N, in] → [E, out, in], zeros
     # for experts without rows) where it takes them, else an mm per live expert: 64 Python visits a layer
     # cost ~4 ms a Qwen3-MoE-like training step
-    grouped = (offs is not None and not has_bias and _grouped_mm_takes(grad_y.t(), hidden)
-               and _grouped_mm_takes(g1.t(), x_perm) and (not has_u or _grouped_mm_takes(u.t(), x_perm))
-               and all(w is None or (is_stacked(w, 3) and w[0].is_contiguous()) for w in (w1, w2, w3)))
+    grouped = (offs is not None and not has_bias
+               and all(w is None or (is_stacked(w, 3) and w[0].is_contiguous()) for w in (w1, w2, w3))
+               and (isinstance(offs, Padded) or _grouped_mm_takes(grad_y.t(), hidden)
+                    and _grouped_mm_takes(g1.t(), x_perm) and (not has_u or _grouped_mm_takes(u.t(), x_perm))))
     if grouped:
-        grads = {"w2": torch._grouped_mm(grad_y.t(), hidden, offs=offs)}                   # [E, D, F]
+        grads = {"w2": _weight_grad(grad_y, hidden, offs)}                                   # [E, D, F]
     else:
         grads = {"w1": grad_buffer(w1, 3), "w2": grad_buffer(w2, 3), "w3": grad_buffer(w3, 3)}
         if has_bias:
@@ -342,8 +349,8 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
         if has_u:
             grad_x += _grouped_linear(grad_u, live, offs, W3, None, x_perm.shape[1])
     if grouped:  # grad_g1 and grad_u: empty_like g1 and u, their strides
-        grads["w1"] = torch._grouped_mm(grad_g1.t(), x_perm, offs=offs)                    # [E, F1, D]
-        grads["w3"] = torch._grouped_mm(grad_u.t(), x_perm, offs=offs) if has_u else None  # [E, F, D]
+        grads["w1"] = _weight_grad(grad_g1, x_perm, offs)                                  # [E, F1, D]
+        grads["w3"] = _weight_grad(grad_u, x_perm, offs) if has_u else None                # [E, F, D]
         return grad_x, grads
     for e, s, n in live:
         xe, gg1, gu = x_perm[s:s + n], grad_g1[s:s + n], grad_u[s:s + n] if has_u else None
@@ -356,6 +363,14 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
             if has_u:
                 torch.sum(gu, 0, out=grads["b3"][e])
     return grad_x, grads
+
+
+def _weight_grad(grad, rows, offs):
+    """[E, out, in]: Σ over each expert's rows of grad[r]ᵀ rows[r] (grad [N, out], rows [N, in]); zeros for
+    experts without rows."""
+    if isinstance(offs, Padded):
+        return offs.weight_grad(grad, rows)
+    return torch._grouped_mm(grad.t(), rows, offs=offs)
 
 
 def _clamped_swiglu_backward_into(grad_g, grad_u, grad_h, g, u, alpha, limit):
