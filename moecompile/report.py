@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moecompile.ir.spec import MoESpec, dtype_name
-from moecompile.kernels import bagged, batched
+from moecompile.kernels import bagged, batched, padded
 
 
 @dataclass
@@ -118,6 +118,10 @@ def _batched_forms(s) -> list[str]:
         parts.append(f"decode path (gather + bmm){with_grad}: {one}{more}")
     if s.stacked_path:
         parts.append("on ≥ 2 threads without autograd, one bmm over all experts where most get rows")
+    if s.kernels.get("expert_ffn") == "native" and s.num_experts >= padded.MIN_EXPERTS:
+        parts.append(f"with autograd on ≥ 2 threads (fp32), {calls(padded.MOST_ROWS * s.num_experts)} whose "
+                     f"experts get rows evenly (padding ≤ {padded.MOST_PADDING:g}×): expert GEMMs as bmm over rows "
+                     "padded per expert")
     if s.fast_path:
         parts.append("eager calls without autograd skip the canonical ops' wrappers")
     if s.bag_slots >= s.route.top_k:

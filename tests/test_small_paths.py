@@ -461,3 +461,13 @@ def test_padded_expert_gemms_equal_the_reference(threads, activation, fused, mon
 
 
 PADDED_INIT = padded.Padded.__init__
+
+
+def test_explain_names_the_padded_gemms(lifted):
+    """explain() says which calls with autograd may take the padded GEMMs: blocks of 16 or more experts on the
+    native kernels; with the reference kernels, none."""
+    block, fast, _ = lifted
+    assert "bmm over rows padded per expert" in moecompile.explain(fast).moe_layers[0].details
+    x = torch.randn(1, 4, 32)
+    plain = moecompile.optimize(block, example_inputs=(x,), kernels="reference")
+    assert "padded per expert" not in moecompile.explain(plain).moe_layers[0].details

@@ -2,6 +2,8 @@
 them where Padded.pays)."""
 import torch
 
+MIN_EXPERTS, MOST_ROWS, MOST_PADDING = 16, 32, 1.75  # Padded.pays: experts, rows per expert on average, rows
+
 
 class Padded:
     """The expert row blocks of a call as [E, m, C] (m: the most rows an expert got; each block first, zeros
@@ -28,10 +30,10 @@ class Padded:
         routes them unevenly (2.75-3.6× padding), and taking the form there lost (0.82-0.90× Hugging Face's
         against 0.98-1.08×)."""
         E = counts.shape[0]
-        if E < 16 or counts.device.type != "cpu" or torch.get_num_threads() < 2:
+        if E < MIN_EXPERTS or counts.device.type != "cpu" or torch.get_num_threads() < 2:
             return False
         N, m = sum(n for _, _, n in live), max((n for _, _, n in live), default=0)
-        return 0 < N <= 32 * E and 4 * E * m <= 7 * N
+        return 0 < N <= MOST_ROWS * E and E * m <= MOST_PADDING * N
 
     def pad(self, t):
         """t [N, C] → [E, m, C] (kept for this call: an operand padded once serves every GEMM it enters)."""
