@@ -174,9 +174,8 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
     if not save and N * F1 > SMALL_ROWS:
         return reference.expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit), *empty
     live = row_blocks(counts)
-    padded = save and x_perm.dtype == torch.float32  # Padded: measured in fp32 only
-    y, g1, u, a, h = whole_call_ffn(x_perm, live, _offsets(counts, live, padded), w1, w2, w3, b1, b2, b3, activation,
-                                    fused, alpha, limit)
+    offs = _offsets(counts, live, x_perm if save else None)
+    y, g1, u, a, h = whole_call_ffn(x_perm, live, offs, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit)
     if not save:
         return (y, *empty)
     return y, g1, empty[1] if u is None else u, a, empty[3] if h is None else h
@@ -231,13 +230,13 @@ def _transposed(ws):
     return w.transpose(-2, -1) if torch.is_tensor(w) else [t.t() for t in w]
 
 
-def _offsets(counts, live, padded=False):
+def _offsets(counts, live, rows=None):
     """int32 end row of each expert's block, for torch._grouped_mm, when at least a quarter of the experts
     have rows (None otherwise). aten's CPU _grouped_mm loops over all E groups in C++, empty ones
     included: cheaper than a Python visit per expert from there on (64 experts, top-8: from 4 tokens;
     8 experts, top-2: from 1 token, 1.97 vs 2.06 ms a Mixtral-like layer, 1 thread), dearer at decode
-    sizes of many experts (1 token: 8 of 64). With `padded` (a call with autograd), a Padded where it pays."""
-    if padded and Padded.pays(live, counts):
+    sizes of many experts (1 token: 8 of 64). Given the `rows` of a call with autograd, a Padded where it pays."""
+    if rows is not None and Padded.pays(live, counts, rows):
         return Padded(live, counts)
     return counts.cumsum(0, dtype=torch.int32) if len(live) * 4 >= counts.shape[0] else None
 
@@ -305,7 +304,7 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
     had no rows get zeros. The input-side GEMMs run as the forward's (_grouped_linear), the weight
     gradients per live expert, around one elementwise pass over all rows."""
     live = row_blocks(counts)
-    offs = _offsets(counts, live, padded=x_perm.dtype == torch.float32)
+    offs = _offsets(counts, live, x_perm)
     W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
     g1, u, a, h = saved
     gated, has_u, has_bias = w3 is not None or bool(fused), w3 is not None, b1 is not None

@@ -23,17 +23,19 @@ class Padded:
                      + (torch.arange(E, device=counts.device) * m - starts).repeat_interleave(counts, output_size=N))
 
     @staticmethod
-    def pays(live, counts) -> bool:
-        """Many experts (16 or more; fewer, larger ones tie), on two or more threads (one: not measured, the
-        grouped GEMMs kept), at most 32 rows per expert on average (above, the GEMMs are large enough), and
-        padding to at most 1.75× the rows: a random-init Qwen3-MoE-like model's training step on 2×64 tokens
-        routes them unevenly (2.75-3.6× padding), and taking the form there lost (0.82-0.90× Hugging Face's
-        against 0.98-1.08×)."""
+    def pays(live, counts, rows) -> bool:
+        """Whether a call's `rows` [N, D] in the expert blocks `live` take the form: fp32 on CPU (measured so
+        only), many experts (16 or more; fewer, larger ones tie), two or more threads (one: not measured,
+        the grouped GEMMs kept), at most 32 rows per expert on average (above, the GEMMs are large enough),
+        and padding to at most 1.75× the rows: a random-init Qwen3-MoE-like model's training step on 2×64
+        tokens routes them unevenly (2.75-3.6× padding), and taking the form there lost (0.82-0.90× Hugging
+        Face's against 0.98-1.08×)."""
         E = counts.shape[0]
-        if E < MIN_EXPERTS or counts.device.type != "cpu" or torch.get_num_threads() < 2:
+        if (E < MIN_EXPERTS or rows.dtype != torch.float32 or rows.device.type != "cpu"
+                or torch.get_num_threads() < 2):
             return False
         N, m = sum(n for _, _, n in live), max((n for _, _, n in live), default=0)
-        return 0 < N <= MOST_ROWS * E and E * m <= MOST_PADDING * N
+        return 0 < N == rows.shape[0] <= MOST_ROWS * E and E * m <= MOST_PADDING * N
 
     def pad(self, t):
         """t [N, C] → [E, m, C] (kept for this call: an operand padded once serves every GEMM it enters)."""
