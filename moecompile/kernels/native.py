@@ -16,9 +16,9 @@ one-hot cumsum.
 import torch
 
 from moecompile.kernels import reference
-from moecompile.kernels.padded import Padded
 from moecompile.kernels.activations import (expert_activation, gate_activation, grad_buffer, is_stacked, per_expert,
                                            split_gate_up)
+from moecompile.kernels.padded import Padded
 
 aten = torch.ops.aten
 # these forwards are plain torch: in eager, autograd through them costs no more than the closed-form backward
@@ -263,7 +263,7 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _grouped_linear(rows, live, offs, W, B, width):
     """rows [N, in] in expert row blocks `live` (row_blocks) → [N, width]: block e times W[e] (+ B[e]);
     one _grouped_mm call where `offs` is given (_offsets) and it takes the operands (checked by the caller
-    when `live` is None: grouped_mm_takes_all)."""
+    when `live` is None: grouped_mm_takes_all), one bmm over padded blocks where `offs` is a Padded."""
     if isinstance(offs, Padded) and B is None and torch.is_tensor(W):
         return offs.linear(rows, W)
     if torch.is_tensor(offs) and B is None and torch.is_tensor(W) and (live is None or _grouped_mm_takes(rows, W)):
@@ -302,7 +302,8 @@ def expert_ffn_backward(grad_y, x_perm, counts, saved, w1, w2, w3, b1, b2, b3, a
     """→ grad_x [N, D] (None unless `need_x`: e.g. the block's input needs no gradient) and, per role w1,
     w2, w3, b1, b2, b3, one stacked gradient (activations.grad_buffer), None where absent; experts that
     had no rows get zeros. The input-side GEMMs run as the forward's (_grouped_linear), the weight
-    gradients per live expert, around one elementwise pass over all rows."""
+    gradients as one grouped GEMM each (or per live expert, with biases or weights not stacked), around one
+    elementwise pass over all rows."""
     live = row_blocks(counts)
     offs = _offsets(counts, live, x_perm)
     W1, W2, W3 = (per_expert(w, 3) for w in (w1, w2, w3))
