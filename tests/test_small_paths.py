@@ -443,8 +443,8 @@ def test_padded_expert_gemms_equal_the_reference(threads, activation, fused, mon
     x = torch.randn(int(counts.sum()), D, generator=gen)
     grad_y = torch.randn(x.shape, generator=gen)
     lists = [None if w[r] is None else [w[r]] for r in ROLES]
-    made = []
-    monkeypatch.setattr(padded.Padded, "__init__", lambda self, *a: made.append(1) or PADDED_INIT(self, *a))
+    made, init = [], padded.Padded.__init__
+    monkeypatch.setattr(padded.Padded, "__init__", lambda self, *a: made.append(1) or init(self, *a))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -459,8 +459,6 @@ def test_padded_expert_gemms_equal_the_reference(threads, activation, fused, mon
     assert all(close(grads[r], want[r]) for r in ("w1", "w2", "w3"))
     assert not grads["w1"][3].any()
 
-
-PADDED_INIT = padded.Padded.__init__
 
 
 def test_explain_names_the_padded_gemms(lifted):
