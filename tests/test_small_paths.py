@@ -460,7 +460,6 @@ def test_padded_expert_gemms_equal_the_reference(threads, activation, fused, mon
     assert not grads["w1"][3].any()
 
 
-
 def test_explain_names_the_padded_gemms(lifted):
     """explain() says which calls with autograd may take the padded GEMMs: blocks of 16 or more experts on the
     native kernels; with the reference kernels, none."""
