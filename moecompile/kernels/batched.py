@@ -8,6 +8,7 @@ thread, and visits empty experts too; a bmm spreads its groups over the threads.
 import torch
 
 from moecompile.kernels.activations import expert_activation, split_gate_up
+from moecompile.kernels.padded import padded_rows
 
 
 # Both run the FFN as bmm over G groups of m rows each ([G, m, D] against [G, out, in] weights). Stacked
@@ -39,9 +40,7 @@ def stacked_ffn(x, weights, indices, counts, w1, w2, w3, b1, b2, b3, activation,
     flat = indices.flatten()                                                              # [N]
     m = int(counts.max())
     order = flat.argsort(stable=True)                                                     # [N] by expert
-    by_expert = flat.index_select(0, order)
-    rank = torch.arange(N, device=x.device) - (counts.cumsum(0) - counts).index_select(0, by_expert)
-    row = torch.empty_like(order).scatter_(0, order, by_expert * m + rank)                # [N] slot → padded row
+    row = torch.empty_like(order).scatter_(0, order, padded_rows(counts, m, N))           # [N] slot → padded row
     rows = x.new_zeros(E * m, D).index_copy_(0, row, x.repeat_interleave(k, 0))           # [E·m, D]
     w = [None if t is None else t[0] for t in (w1, w2, w3, b1, b2, b3)]
     y = _batched_ffn(rows.view(E, m, D), *w, activation, fused, alpha, limit).view(E * m, D)

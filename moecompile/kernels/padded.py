@@ -17,10 +17,7 @@ class Padded:
     def __init__(self, live, counts):
         E, m = counts.shape[0], max(n for _, _, n in live)
         self.shape, self._padded = (E, m), {}
-        starts = counts.cumsum(0) - counts                                                # [E]
-        N = live[-1][1] + live[-1][2]
-        self.rows = (torch.arange(N, device=counts.device)                                 # [N] row in [E·m]
-                     + (torch.arange(E, device=counts.device) * m - starts).repeat_interleave(counts, output_size=N))
+        self.rows = padded_rows(counts, m, live[-1][1] + live[-1][2])                      # [N] row in [E·m]
 
     @staticmethod
     def pays(live, counts, rows) -> bool:
@@ -53,3 +50,11 @@ class Padded:
     def weight_grad(self, grad, rows):
         """Σ over each expert's rows of grad[r]ᵀ rows[r]: [N, out], [N, in] → [E, out, in]."""
         return torch.bmm(self.pad(grad).transpose(1, 2), self.pad(rows))
+
+
+def padded_rows(counts, m, N):
+    """[N]: where each of N rows in expert-major blocks (counts [E] rows each) lands when every block is padded
+    to m rows: expert e's r-th row at e·m + r."""
+    starts = counts.cumsum(0) - counts                                                        # [E]
+    shift = torch.arange(counts.shape[0], device=counts.device) * m - starts                  # [E]
+    return torch.arange(N, device=counts.device) + shift.repeat_interleave(counts, output_size=N)
