@@ -3,9 +3,11 @@
 The interpreter the tests run on CPU checks what kernels compute, not whether they compile: it accepts
 code the GPU compiler rejects (e.g. a non-constexpr global read in a jitted function). This script is run
 by tests/test_triton_compiles.py in a fresh process with TRITON_INTERPRET=0, so the kernels are real
-JITFunctions; it compiles each kernel for fp32, bf16 and fp16 data, in the variants `variants` lists.
+JITFunctions; it compiles each kernel for fp32, bf16 and fp16 data, in the variants `variants` lists, on
+every core (each compile is one core's work for ~1 s, and this is the suite's longest test otherwise).
 Argument types: data pointers take the data dtype, the rest come from TYPES.
 """
+import concurrent.futures
 import itertools
 import os
 import sys
@@ -72,16 +74,21 @@ def signature(kernel, dtype, constexprs):
     return {name: kind(name) for name in kernel.arg_names}
 
 
+def compile_one(dtype: str, index: int) -> str | None:
+    """Compile the `index`-th of variants(dtype) (an index: JITFunctions do not pickle) → a failure, or None."""
+    kernel, constexprs = list(variants(dtype))[index]
+    src = ASTSource(kernel, signature(kernel, dtype, constexprs), constexprs=constexprs)
+    compiled = triton.compile(src, target=TARGET, options={"num_warps": 4, "num_stages": 3})
+    return None if "ptx" in compiled.asm else f"{kernel.__name__} {dtype} {constexprs}: no PTX"
+
+
 def main():
-    count = 0
-    for dtype in ("fp32", "bf16", "fp16"):
-        for kernel, constexprs in variants(dtype):
-            src = ASTSource(kernel, signature(kernel, dtype, constexprs), constexprs=constexprs)
-            compiled = triton.compile(src, target=TARGET, options={"num_warps": 4, "num_stages": 3})
-            if "ptx" not in compiled.asm:
-                raise SystemExit(f"{kernel.__name__} {dtype} {constexprs}: no PTX")
-            count += 1
-    print(f"compiled {count} kernel variants for sm_90")
+    jobs = [(dtype, i) for dtype in ("fp32", "bf16", "fp16") for i in range(len(list(variants(dtype))))]
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
+        failures = [f for f in pool.map(compile_one, *zip(*jobs)) if f is not None]
+    if failures:
+        raise SystemExit("\n".join(failures))
+    print(f"compiled {len(jobs)} kernel variants for sm_90")
 
 
 if __name__ == "__main__":
