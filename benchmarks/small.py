@@ -21,7 +21,7 @@ Implementations: hf_eager (transformers' default experts path, grouped_mm), opti
 the block or model), and with --compiled inductor (torch.compile) and backend (torch.compile(backend=
 "moecompile")) for the layer and training rows (compiling takes minutes here; generate is not compiled).
 Each layer row also gives a floor, max(bytes / copy bandwidth, FLOPs / GEMM rate) with both rates measured
-at start-up (kernels.machine_floors): bytes = the expert weights of the experts that received tokens (mean
+at start-up (kernel_ops.machine_floors): bytes = the expert weights of the experts that received tokens (mean
 over the inputs) + router weight + input and output activations (x3 for fwd+bwd: weights read twice,
 gradients written); FLOPs = router + 2·T·k·3·D·F (x3 for fwd+bwd). "overhead" is each implementation's
 1-token time minus the 1-token floor: its fixed cost per call.
@@ -48,7 +48,7 @@ from rich.console import Console
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS_DIR, fmt_ratio, machine_info, rel_err, stable_malloc, table,  # noqa: E402
                     time_round_robin, write_json, zero_grads)
-from kernels import machine_floors  # noqa: E402
+from kernel_ops import machine_floors  # noqa: E402
 
 import moecompile  # noqa: E402
 

@@ -119,7 +119,7 @@ def kernel_backends() -> Table:
     """The kernel backends of the canonical ops, measured in this run."""
     t = Table(title="kernel backends (optimize(model, kernels=...)), same run", caption_justify="left", caption=(
         "reference: the pure-torch definitions of the canonical ops (kernels/reference.py), differentiated by "
-        "plain autograd:\nthe test oracle. Per-op timings and floors: benchmarks/kernels.py."))
+        "plain autograd:\nthe test oracle. Per-op timings and floors: benchmarks/kernel_ops.py."))
     for col in ("model", "backend", "train step ms", "vs reference backend", "max grad rel. diff vs eager"):
         t.add_column(col)
     _, layer, args, kwargs, loss_fn = cases()[2]

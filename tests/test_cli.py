@@ -209,11 +209,20 @@ def test_svg_without_graphviz_says_so(capsys, monkeypatch, tmp_path):
 
 
 def test_bench_runs_the_script_and_needs_the_repository(capfd, monkeypatch, tmp_path):
-    assert main(["bench", "kernels", "--help"]) == 0  # --help goes to the script
-    assert "usage: kernels.py" in capfd.readouterr().out
+    assert main(["bench", "kernel_ops", "--help"]) == 0  # --help goes to the script
+    assert "usage: kernel_ops.py" in capfd.readouterr().out
     monkeypatch.setattr(cli, "BENCH_DIR", tmp_path / "benchmarks")
     assert main(["bench", "moe_layer"]) == 2
     assert "no benchmarks folder" in capfd.readouterr().err
+
+
+def test_no_benchmark_shadows_an_installed_module():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named as an installed module
+    hides it from every import (a benchmarks/kernels.py broke transformers, which imports HF's `kernels`)."""
+    stems = [p.stem for p in cli.BENCH_DIR.glob("*.py")]
+    code = "import importlib.util, sys; print([n for n in sys.argv[1:] if importlib.util.find_spec(n)])"
+    found = subprocess.run([sys.executable, "-I", "-c", code, *stems], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]", found.stdout
 
 
 @pytest.mark.parametrize("command", [[], ["explain"], ["viz"], ["bench"]])
@@ -222,7 +231,7 @@ def test_help(command, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: moecompile")
     if command == ["bench"]:
-        assert all(name in out for name in ("moe_layer", "kernels", "checkpoint", "ep_overlap", "quality"))
+        assert all(name in out for name in ("moe_layer", "kernel_ops", "checkpoint", "ep_overlap", "quality"))
 
 
 def test_runs_as_a_module():

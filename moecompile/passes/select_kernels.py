@@ -18,7 +18,7 @@ Pseudo-code:
 
 Why these defaults: on CPU the native path (per-expert blocked GEMMs, fused activation backward, gathers
 instead of scatter-adds) is at least as fast as the reference (within noise) on every op of the large
-cases of benchmarks/kernels.py, slower only on two decode-size ops of tens of microseconds (docs/benchmarks.md,
+cases of benchmarks/kernel_ops.py, slower only on two decode-size ops of tens of microseconds (docs/benchmarks.md,
 "Kernels"); Triton's CPU mode is an interpreter for testing, far too slow to run models. On CUDA, Triton's
 grouped GEMM covers all experts in one launch where the native path launches per expert, and its routing
 kernels fuse what native does in several passes.

@@ -26,8 +26,8 @@ best this machine can do, so it also says how much room is left.
 Correctness: every implementation's forward output is checked against the reference before timing
 (max |a-b| / max |ref| <= 1e-4).
 
-Run: python benchmarks/kernels.py [--quick] [--iters N]
-Results: a rich table on stdout and benchmarks/results/kernels.json (kernels_quick.json with --quick).
+Run: python benchmarks/kernel_ops.py [--quick] [--iters N]
+Results: a rich table on stdout and benchmarks/results/kernel_ops.json (kernel_ops_quick.json with --quick).
 """
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ def main():
     caption = (f"speedup = reference ms / backend ms. Lowest {fast} speedup: "
                f"{slowest['speedup_vs_reference'][fast]:.2f}x ({slowest['case']}, {slowest['op']}, {slowest['pass']})")
     console.print(table(f"moecompile kernels on {device.type}, fp32, median of {iters}", cols, out, caption))
-    path = write_json(RESULTS_DIR / ("kernels_quick.json" if args.quick else "kernels.json"),
+    path = write_json(RESULTS_DIR / ("kernel_ops_quick.json" if args.quick else "kernel_ops.json"),
                       {"machine": machine_info(), "device": device.type, "floors": floors, "iters": iters,
                        "backends": backends, "rows": rows})
     console.print(f"wrote {path}")
