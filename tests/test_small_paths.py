@@ -115,13 +115,13 @@ def test_expert_ffn_visits_only_live_experts(T, save, activation, fused, bias):
         assert not grads["w1"][idle].any() and not grads["w2"][idle].any()
 
 
-def qwen3_block():
+def qwen3_block(k=K_):
     """A fine-grained Qwen3-MoE block (16 experts, top-4: stacked weights) from a 1-layer model."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     torch.manual_seed(0)
     cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         num_experts=E_, num_experts_per_tok=K_, norm_topk_prob=True, decoder_sparse_step=1,
+                         num_experts=E_, num_experts_per_tok=k, norm_topk_prob=True, decoder_sparse_step=1,
                          mlp_only_layers=[], max_position_embeddings=64)
     return Qwen3MoeForCausalLM(cfg).model.layers[0].mlp
 
@@ -305,6 +305,35 @@ def test_bagged_form_equals_the_original_where_it_is_taken(lifted, T, threads, m
     most = spec.bag_slots if threads > 1 else E_
     assert taken == ([1] if 0 < T * K_ <= most else [])
     assert close(got, want)
+
+
+@pytest.mark.parametrize("k", [1, K_])
+def test_bagged_form_takes_strided_tokens(k, monkeypatch):
+    """Hidden states that are a strided view (each sequence's last position, as a caller slicing a prefill's
+    output passes them), top-1 (the tokens themselves are the bags' weights) and top-k."""
+    block = qwen3_block(k)
+    fast = moecompile.optimize(block, example_inputs=(torch.randn(2, 8, 32),))
+    taken = _bag_counted(monkeypatch)
+    x = torch.randn(3, 5, 32)[:, -1:, :]                                          # [3, 1, 32], not contiguous
+    with torch.no_grad():
+        assert close(_out(fast(x)), _out(block(x)))
+    assert taken == [1]
+
+
+def test_fast_path_steps_aside_for_a_dispatch_mode(lifted, monkeypatch):
+    """Under any dispatch mode (a tracer's, or a user's such as a FLOP counter) the canonical ops run, so the
+    mode sees them: the fast path returns before any work, and the result is the same."""
+    from torch.utils.flop_counter import FlopCounterMode
+    block, fast, _ = lifted
+    taken = _bag_counted(monkeypatch)
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        with FlopCounterMode(display=False):
+            got = _out(fast(x))
+        assert close(got, _out(block(x)))
+        assert taken == []
+        fast(x)
+    assert taken == [1]
 
 
 def _change_in_place(block, fast):

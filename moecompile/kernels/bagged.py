@@ -40,31 +40,34 @@ PART_BYTES = 1 << 20  # the least a part of a cut bag reads (_bags)
 RENEWALS = 3  # copies made in a row, each stale at its first reuse, after which a block stops making them
 
 
-def bag_ffn(x, weights, indices, kept, activation, fused, alpha, limit):
+def bag_ffn(x, weights, indices, kept, activation, fused, alpha, limit, threads=None):
     """dispatch + expert_ffn + combine for x [T, D], routing weights and indices [T, k], T·k > 0, over the
     tables `kept` (tables_for) of the stacked w1, w2 and w3 (None: fused or no up projection), no biases →
-    out [T, D] = Σ_j weights[t, j] · expert_{indices[t, j]}(x[t])."""
+    out [T, D] = Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]). With caches cold, as a decode step finds
+    them, each call into torch costs 5-20 µs even for a view: the steps below are the fewest found."""
     T, k = indices.shape
-    D, S, threads = x.shape[1], indices.numel(), torch.get_num_threads()
-    flat = indices.view(S)
-    rows = kept.rows_in.index_select(0, flat)                                      # [S, D] a bag per slot
-    v = x.unsqueeze(1).expand(T, k, D).reshape(S, D)                                # [S, D] its token's x
-    g1 = _bags(rows, kept.t1, v, threads)                                           # [S, F1]
-    u = None if kept.t3 is None else _bags(rows, kept.t3, v, threads)               # [S, F]
-    h = expert_activation(*split_gate_up(g1, u, fused), activation, alpha, limit)   # [S, F]
-    h = h * weights.view(S, 1)  # the combine's weight, folded into the second bags
-    rows = kept.rows_hidden.index_select(0, flat).view(T, -1)                      # [T, k·F] a bag per token
-    return _bags(rows, kept.t2, h.view(rows.shape), threads)                        # [T, D]
+    threads = threads or torch.get_num_threads()
+    flat = indices.view(-1)                                                         # [S] slots, t-major
+    rows = kept.rows_in.index_select(0, flat)                                       # [S, D] a bag per slot
+    v = torch.cat([x] * k, 1) if k > 1 else x  # [T, k·D] each slot's token (one op: 46 µs cold, against 82
+    # for unsqueeze, expand and a reshape's copy)
+    g1 = _bags(rows, kept.t1, v, T * k, threads)                                    # [S, F1]
+    u = None if kept.t3 is None else _bags(rows, kept.t3, v, T * k, threads)        # [S, F]
+    h = expert_activation(*split_gate_up(g1, u, fused), activation, alpha, limit)   # [S, F] a new tensor
+    h.mul_(weights.view(-1, 1))  # the combine's weight, folded into the second bags
+    rows = kept.rows_hidden.index_select(0, flat)                                  # [S, F]
+    return _bags(rows, kept.t2, h, T, threads)                                      # [T, D] a bag per token
 
 
-def _bags(rows, table, v, threads):
-    """[B, out]: Σ_i v[b, i] · table[rows[b, i]] for each bag b of rows [B, n] (v [B, n]). embedding_bag
-    spreads bags over threads, not one bag's rows: with fewer bags than threads, bags are cut in parts of at
-    least PART_BYTES, summed after. Measured (2 threads, in turns, caches evicted): a Mixtral-like layer at
-    1 token, whose second bags are one of 4 MB, 1.55× and 1.47× Hugging Face's cut in two against 1.42× and
-    1.38× whole; a Qwen3-MoE-like one, one bag of 1 MB, the same cut or whole (1.84-1.88× against 1.85×, in
-    shuffled order; an earlier 1.82 against 1.99 was the fixed order's bias), so bags that small stay whole."""
-    B, n = rows.shape
+def _bags(rows, table, v, B, threads):
+    """[B, out]: Σ_i v[b, i] · table[rows[b, i]] for each of B bags, rows and v holding each bag's n rows in
+    turn (any shape, contiguous). embedding_bag spreads bags over threads, not one bag's rows: with fewer
+    bags than threads, bags are cut in parts of at least PART_BYTES, summed after. Measured (2 threads, in
+    turns, caches evicted): a Mixtral-like layer at 1 token, whose second bags are one of 4 MB, 1.55× and
+    1.47× Hugging Face's cut in two against 1.42× and 1.38× whole; a Qwen3-MoE-like one, one bag of 1 MB,
+    the same cut or whole (1.84-1.88× against 1.85×, in shuffled order; an earlier 1.82 against 1.99 was the
+    fixed order's bias), so bags that small stay whole."""
+    n = rows.numel() // B
     row_bytes = table.shape[1] * table.element_size()
     parts = 1
     while B * parts < threads and n % (2 * parts) == 0 and n // (2 * parts) * row_bytes >= PART_BYTES:
@@ -72,17 +75,17 @@ def _bags(rows, table, v, threads):
     # aten's op itself, with kept offsets, not F.embedding_bag (its checks, an arange and a reshape per call):
     # a 1-token layer call 1.13 → 1.06 ms Qwen3-MoE-like, 1.51 → 1.44 Mixtral-like (in turns, caches evicted).
     # padding_idx None: -1 would name the table's last row
-    out = torch.embedding_bag(table, rows.view(-1), _starts(B * parts, n // parts, rows.device), False, 0, False,
-                              v.reshape(-1), False, None)[0]                                 # [B·parts, out]
+    out = torch.embedding_bag(table, rows.view(-1), _starts(B * parts, n // parts), False, 0, False,
+                              v.reshape(-1), False, None)[0]                                    # [B·parts, out]
     return out if parts == 1 else out.view(B, parts, -1).sum(1)
 
 
 @functools.lru_cache(maxsize=64)
-def _starts(bags: int, size: int, device: torch.device) -> torch.Tensor:
+def _starts(bags: int, size: int) -> torch.Tensor:
     """Offsets of `bags` bags of `size` rows each, made once per shape (a plain tensor, whatever mode the
-    first call is in)."""
+    first call is in; on the CPU, where this form runs)."""
     with torch.inference_mode(False):
-        return torch.arange(0, bags * size, size, device=device)
+        return torch.arange(0, bags * size, size)
 
 
 def slots_on_threads(most: int, threads: int | None = None) -> int:
@@ -91,12 +94,13 @@ def slots_on_threads(most: int, threads: int | None = None) -> int:
     return most if (threads or torch.get_num_threads()) > 1 else most // SLOTS_PER_EXPERT
 
 
-def takes(x, *weights) -> bool:
-    """Whether this call's tokens and weights suit the form: fp32 on CPU, as select_kernels admitted the
-    block (a model moved or cast since keeps to the other paths), the weights contiguous (each call's
-    check reads a strided view of each; a block's stacked Parameters are)."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and all(
-        w is None or (w.is_contiguous() and w.dtype == torch.float32 and w.device.type == "cpu") for w in weights)
+def takes(*weights) -> bool:
+    """Whether these weights suit the form: fp32 on CPU, as select_kernels admitted the block (a model moved
+    or cast since keeps to the other paths), contiguous (each call's check reads a strided view of each; a
+    block's stacked Parameters are). Checked when a copy is made: while it stays current (Tables.current),
+    so do they. The tokens' own check is the caller's (fp32 on CPU)."""
+    return all(w is None or (w.is_contiguous() and w.dtype == torch.float32 and w.device.type == "cpu")
+               for w in weights)
 
 
 def table_bytes(*weights) -> int:
@@ -133,15 +137,26 @@ _KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # block → Ta
 
 def tables_for(block, w1, w2, w3) -> Tables | None:
     """The tables of block's stacked weights w1 [E, F1, D], w2 [E, D, F], w3 [E, F, D] (None: absent), as
-    bag_ffn takes them: kept from an earlier call while current, else built now. None where the weights
-    change between every two calls (RENEWALS copies in a row never reused: a sharded model's weights
-    gathered anew each call, say): the copy would cost each call more than the form saves."""
+    bag_ffn takes them: kept from an earlier call while current, else built now (`takes` must hold for the
+    weights). None where the weights change between every two calls (RENEWALS copies in a row never
+    reused: a sharded model's weights gathered anew each call, say): the copy would cost each call more
+    than the form saves."""
+    return kept_tables(block, w1, w2, w3) or renewed(block, w1, w2, w3)
+
+
+def kept_tables(block, w1, w2, w3) -> Tables | None:
+    """The tables kept for block's weights if they are still current, else None."""
+    kept = _KEPT.get(block)
+    if kept is None or not kept.current((w1, w2, w3)):
+        return None
+    kept.used = True
+    return kept
+
+
+def renewed(block, w1, w2, w3) -> Tables | None:
+    """New tables for block's weights, replacing any kept (tables_for says when None)."""
     weights = (w1, w2, w3)
     kept = _KEPT.pop(block, None)  # popped: a stale copy is freed before the new one is made
-    if kept is not None and kept.current(weights):
-        kept.used = True
-        _KEPT[block] = kept
-        return kept
     renewals = 0 if kept is None or kept.used else kept.renewals + 1
     if renewals >= RENEWALS:
         return None

@@ -55,10 +55,11 @@ def _scores(logits, scoring):
     transposed view vectorizes across tokens instead (87 µs at E = 8; 211 µs at E = 32, hence the cut).
     Its backward likewise: 144 µs over the last dim, 10 µs down dim 0, at E = 8. Not for few rows (64 rows,
     forward and backward through route: 93 µs vs 81 µs over the last dim)."""
-    logits = logits.float()
+    if logits.dtype != torch.float32:
+        logits = logits.float()
     if scoring != "softmax":
         return logits.sigmoid()
-    if logits.device.type == "cpu" and logits.shape[-1] <= 16 and logits.shape[0] >= 1024:
+    if logits.shape[0] >= 1024 and logits.shape[-1] <= 16 and logits.device.type == "cpu":
         return logits.t().softmax(0).t()
     return logits.softmax(-1)
 
@@ -68,7 +69,7 @@ def _small_topk(scores, k):
     CPU, k rounds of max with the winner masked out (measured here for 4096 rows, E = 8, k = 2: 188 µs vs
     topk's 321). Not for E = 32, k = 4 (778 vs 904 µs forward, but autograd through four rounds costs more
     than topk's one scatter), nor for few rows (64 rows: 21 µs vs 4)."""
-    if k > 4 or scores.shape[-1] > 16 or scores.shape[0] < 1024 or scores.device.type != "cpu":
+    if k > 4 or scores.shape[0] < 1024 or scores.shape[-1] > 16 or scores.device.type != "cpu":
         return scores.topk(k, dim=-1)
     values, indices, work = [], [], scores
     for j in range(k):
