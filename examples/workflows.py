@@ -26,7 +26,8 @@ def mixtral():
 
 def generate(model, prompt):
     t = time.perf_counter()
-    tokens = model.generate(prompt, max_new_tokens=20, do_sample=False)
+    tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), pad_token_id=0, max_new_tokens=20,
+                            do_sample=False)
     return tokens, time.perf_counter() - t
 
 
