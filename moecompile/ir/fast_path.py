@@ -3,7 +3,7 @@ run the kernels directly, without the canonical ops' wrappers; lowering.run_moe 
 import torch
 from torch import nn
 
-from moecompile.ir import lowering, ops
+from moecompile.ir import lowering
 from moecompile.ir.spec import MoESpec, attr_path
 from moecompile.kernels import bagged, native
 
@@ -73,4 +73,6 @@ def _outputs(spec, block, x, tokens, out, logits, weights):
     out = out.view(x.shape)
     if out.dtype != x.dtype:  # fp32 routing weights over bf16 rows
         out = out.to(x.dtype)
-    return out if spec.outputs == ("out",) else lowering.picked(spec, {"out": out, "logits": logits, "weights": weights})
+    if spec.outputs == ("out",):
+        return out
+    return lowering.picked(spec, {"out": out, "logits": logits, "weights": weights})
