@@ -431,7 +431,7 @@ def test_bag_ffn_equals_the_reference(T, activation, fused, cut, monkeypatch):
     weights = torch.rand(T, K_, generator=gen)
     x = torch.randn(T, D, generator=gen)
     want = reference_moe(x, weights, indices, w, E_, activation, fused)
-    kept = bagged.tables_for(torch.nn.Module(), w["w1"], w["w2"], w["w3"])
+    kept = bagged.renewed(torch.nn.Module(), w["w1"], w["w2"], w["w3"])
     before = torch.get_num_threads()
     if cut:
         monkeypatch.setattr(bagged, "PART_BYTES", 0)
@@ -451,7 +451,7 @@ def test_bag_ffn_reads_the_tables_last_rows():
     w = {r: None if t is None else t.detach() for r, t in expert_weights(E_, D, F, "halves", False, gen).items()}
     indices = torch.full((3, 1), E_ - 1)
     weights, x = torch.rand(3, 1, generator=gen), torch.randn(3, D, generator=gen)
-    kept = bagged.tables_for(torch.nn.Module(), w["w1"], w["w2"], w["w3"])
+    kept = bagged.renewed(torch.nn.Module(), w["w1"], w["w2"], w["w3"])
     got = bagged.bag_ffn(x, weights, indices, kept, "swiglu", "halves", 1.702, 7.0)
     assert close(got, reference_moe(x, weights, indices, w, E_, "swiglu", "halves"))
 

@@ -42,7 +42,7 @@ RENEWALS = 3  # copies made in a row, each stale at its first reuse, after which
 
 def bag_ffn(x, weights, indices, kept, activation, fused, alpha, limit, threads=None):
     """dispatch + expert_ffn + combine for x [T, D], routing weights and indices [T, k], T·k > 0, over the
-    tables `kept` (tables_for) of the stacked w1, w2 and w3 (None: fused or no up projection), no biases →
+    tables `kept` (kept_tables, renewed) of the stacked w1, w2 and w3 (None: fused or no up projection), no biases →
     out [T, D] = Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]). With caches cold, as a decode step finds
     them, each call into torch costs 5-20 µs even for a view: the steps below are the fewest found."""
     T, k = indices.shape
@@ -104,7 +104,7 @@ def takes(*weights) -> bool:
 
 
 def table_bytes(*weights) -> int:
-    """What tables_for keeps for these stacked weights (None: absent)."""
+    """What renewed keeps for these stacked weights (None: absent)."""
     return sum(w.numel() * w.element_size() for w in weights if w is not None)
 
 
@@ -135,17 +135,9 @@ class Tables:
 _KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # block → Tables (not pickled or copied)
 
 
-def tables_for(block, w1, w2, w3) -> Tables | None:
-    """The tables of block's stacked weights w1 [E, F1, D], w2 [E, D, F], w3 [E, F, D] (None: absent), as
-    bag_ffn takes them: kept from an earlier call while current, else built now (`takes` must hold for the
-    weights). None where the weights change between every two calls (RENEWALS copies in a row never
-    reused: a sharded model's weights gathered anew each call, say): the copy would cost each call more
-    than the form saves."""
-    return kept_tables(block, w1, w2, w3) or renewed(block, w1, w2, w3)
-
-
 def kept_tables(block, w1, w2, w3) -> Tables | None:
-    """The tables kept for block's weights if they are still current, else None."""
+    """The tables of block's stacked weights w1 [E, F1, D], w2 [E, D, F], w3 [E, F, D] (None: absent), as
+    bag_ffn takes them, kept from an earlier call, if still current; else None (renewed makes new ones)."""
     kept = _KEPT.get(block)
     if kept is None or not kept.current((w1, w2, w3)):
         return None
@@ -154,7 +146,9 @@ def kept_tables(block, w1, w2, w3) -> Tables | None:
 
 
 def renewed(block, w1, w2, w3) -> Tables | None:
-    """New tables for block's weights, replacing any kept (tables_for says when None)."""
+    """New tables for block's weights (`takes` must hold for them), replacing any kept. None where the
+    weights change between every two calls (RENEWALS copies in a row never reused: a sharded model's weights
+    gathered anew each call, say): the copy would cost each call more than the form saves."""
     weights = (w1, w2, w3)
     kept = _KEPT.pop(block, None)  # popped: a stale copy is freed before the new one is made
     renewals = 0 if kept is None or kept.used else kept.renewals + 1
