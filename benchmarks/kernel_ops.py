@@ -15,7 +15,8 @@ op that takes less than 20 ms enough times to last about 20 ms (reported: time p
 tunables as in moe_layer.py. Inputs: tokens [T, D] ~ N(0, 1), router logits ~ N(0, 1), weights ~ N(0, 0.02).
 
 Floors. At start-up the script measures this machine's copy bandwidth (a 256 MiB tensor copy) and fp32
-GEMM rate (1024³ matmul) once; each op's floor is max(bytes it must move / bandwidth, FLOPs / GEMM rate):
+GEMM rate (1024³ matmul, the faster of aten's and oneDNN's) once; each op's floor is
+max(bytes it must move / bandwidth, FLOPs / GEMM rate):
   route      reads logits [T, E], writes weights and indices [T, k]
   dispatch   reads x [T, D] once and the indices, writes x_perm [N, D] and order [N]
   expert_ffn 2·N·D·(F1 + F) FLOPs forward (F1 = 2F when gated), 2x that again backward
@@ -44,7 +45,7 @@ from common import (RESULTS_DIR, fmt_ms, fmt_ratio, fwd_bwd_step, machine_info, 
                     stable_malloc, table, time_round_robin, write_json, zero_grads)
 
 from moecompile.ir import ops  # noqa: E402
-from moecompile.kernels import reference  # noqa: E402
+from moecompile.kernels import onednn, reference  # noqa: E402
 
 # name, T, D, F, E, k, capacity factor (None: dropless)
 CASES = [("E8-top2 (main)", 4096, 512, 1024, 8, 2, None),
@@ -57,14 +58,17 @@ TOLERANCE = 1e-4
 
 
 def machine_floors(device) -> dict:
-    """Copy bandwidth (bytes/s: read + write) and fp32 GEMM rate (FLOP/s), best of a few runs."""
+    """Copy bandwidth (bytes/s: read + write) and fp32 GEMM rate (FLOP/s), best of a few runs; on CPU the
+    GEMM rate is the faster library's, aten's (MKL) or oneDNN's (kernels/onednn.py, where torch has it:
+    moecompile's expert GEMMs may run on it, and a floor must be the fastest the machine does)."""
     src = torch.empty(64 << 20, device=device).normal_()
     dst = torch.empty_like(src)
     a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    gemms = [lambda: a @ b] + ([lambda: onednn.linear(a, b)] if device.type == "cpu" and onednn.available() else [])
     copy_s, mm_s = [], []
     for _ in range(20):  # best of many: a floor must not be lowered by one slow run on a shared machine
         copy_s.append(_timed(lambda: dst.copy_(src), device))
-        mm_s.append(_timed(lambda: a @ b, device))
+        mm_s += [_timed(gemm, device) for gemm in gemms]
     return {"bandwidth_Bps": 2 * src.numel() * 4 / min(copy_s), "gemm_flops": 2 * 1024 ** 3 / min(mm_s)}
 
 

@@ -20,7 +20,8 @@ Implementations, all using the same weights (normal(0, 0.02)) and the same input
   moecompile_backend  torch.compile(hf_eager block, backend="moecompile"): the block lifted in Dynamo's graph,
                  Inductor around it; compile time reported as compile_s; fails the run if not rewritten
   floor          only the expert GEMMs (gate/up, SwiGLU, down) on tokens pre-sorted by expert with this
-                 input's routing (computed once, untimed): the minimum any implementation must do
+                 input's routing (computed once, untimed): the minimum any implementation must do, on the
+                 GEMMs moecompile picks (on CPUs not Intel's, oneDNN's; moecompile/kernels/onednn.py)
 Correctness: every row except floor is checked against hf_eager (output, input grad and weight grads;
 max |a-b| / max |ref| must be <= 1e-4).
 
@@ -46,6 +47,7 @@ from common import (RESULTS_DIR, fmt_ms, fmt_ratio, fwd_bwd_step, machine_info, 
                     rel_err, stable_malloc, table, time_round_robin, write_json, zero_grads)
 
 import moecompile  # noqa: E402
+from moecompile.kernels import onednn  # noqa: E402
 
 CASES = [("E8-top2 (main)", 8, 2), ("E32-top4", 32, 4), ("E8-top1", 8, 1)]
 IMPLS = ["hf_eager", "hf_eager_loop", "inductor", "gshard_einsum", "moecompile", "moecompile_backend", "floor"]
@@ -100,6 +102,24 @@ def gshard_einsum(x, router_w, w_gate_up, w_down, top_k, act, capacity_factor=CA
     return torch.einsum("tec,ech->th", combine, ye).reshape(shape)
 
 
+class _FastestLinear(torch.autograd.Function):
+    """F.linear on the GEMMs moecompile would pick (kernels/onednn.py): forward and input gradient on
+    oneDNN where it takes the weight, the weight gradient on aten's mm. A floor must use the fastest."""
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return onednn.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return onednn.linear(g, w.t()), g.t() @ x
+
+
+def fastest_linear(x, w):
+    return _FastestLinear.apply(x, w) if onednn.takes(x, w) else F.linear(x, w)
+
+
 def floor_fn(block, x, top_k):
     """Expert GEMMs alone on tokens pre-sorted by expert (routing of `x`, computed here, untimed)."""
     E, H = block.experts.num_experts, x.shape[-1]
@@ -114,8 +134,8 @@ def floor_fn(block, x, top_k):
     def fn(_x):
         outs = []
         for xe, gu, d in zip(xs.split(counts), w_gu.unbind(0), w_d.unbind(0)):
-            gate, up = F.linear(xe, gu).chunk(2, dim=-1)
-            outs.append(F.linear(act(gate) * up, d))
+            gate, up = fastest_linear(xe, gu).chunk(2, dim=-1)
+            outs.append(fastest_linear(act(gate) * up, d))
         return torch.cat(outs)
     return fn, xs
 

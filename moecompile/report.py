@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moecompile.ir.spec import MoESpec, dtype_name
-from moecompile.kernels import bagged, batched, padded
+from moecompile.kernels import bagged, batched, onednn, padded
 
 
 @dataclass
@@ -69,6 +69,9 @@ class MoELayer:
         backends = set(s.kernels.values())
         parts.append("kernels: " + (backends.pop() if len(backends) == 1 else
                                     " ".join(f"{op}={k}" for op, k in s.kernels.items())))
+        if s.kernels.get("expert_ffn") == "native" and onednn.ENABLED:
+            parts.append(f"fp32 expert GEMMs of weights of ≥ {onednn.MIN_WEIGHT * 4 // 2**20} MiB on oneDNN, not "
+                         "aten's BLAS (this CPU is not Intel's, or MOECOMPILE_CPU_GEMM=onednn)")
         return ", ".join(parts)
 
 
@@ -117,7 +120,8 @@ def _batched_forms(s) -> list[str]:
         with_grad = " with autograd" if s.bag_slots else ""  # without it, the bagged form below
         parts.append(f"decode path (gather + bmm){with_grad}: {one}{more}")
     if s.stacked_path:
-        parts.append("on ≥ 2 threads without autograd, one bmm over all experts where most get rows")
+        parts.append("on ≥ 2 threads without autograd, one bmm over all experts where most get rows"
+                     + (" (not where oneDNN takes the GEMMs)" if onednn.ENABLED else ""))
     if s.kernels.get("expert_ffn") == "native" and s.num_experts >= padded.MIN_EXPERTS:
         parts.append(f"with autograd on ≥ 2 threads (fp32), {calls(padded.MOST_ROWS * s.num_experts)} whose "
                      f"experts get rows evenly (padding ≤ {padded.MOST_PADDING:g}×): expert GEMMs as bmm over rows "

@@ -144,8 +144,9 @@ def test_select_kernels_allows_the_stacked_form_for_stacked_native_experts(lifte
     assert lifted[2].stacked_path
 
 
-FORMS = {"canonical": lambda spec, indices: (None, None), "decode": lambda spec, indices: ("decode", None),
-         "stacked": lambda spec, indices: ("stacked", torch.bincount(indices.flatten(), minlength=spec.num_experts))}
+FORMS = {"canonical": lambda spec, indices, *_: (None, None),
+         "decode": lambda spec, indices, *_: ("decode", None),
+         "stacked": lambda spec, indices, *_: ("stacked", torch.bincount(indices.flatten(), minlength=spec.num_experts))}
 
 
 @pytest.mark.parametrize("T", SIZES)

@@ -50,7 +50,7 @@ def fast_call(spec: MoESpec, block: nn.Module, x: torch.Tensor):
         if kept is not None:
             out = bagged.bag_ffn(tokens, weights, indices, kept, ex.activation, ex.fused, ex.alpha, ex.limit, threads)
             return _outputs(spec, block, x, tokens, out, logits, weights)                  # out [T, D]
-    form, counts = lowering.batched_path(spec, indices)
+    form, counts = lowering.batched_path(spec, indices, tokens, w1)
     if form is not None:
         routed = lowering.Routed(tokens, logits, weights, indices, None, None, counts, batched=form)
         return lowering.finish_routed(spec, block, [routed], x)

@@ -14,8 +14,9 @@ and has a closed-form backward for traced graphs. Dispatch with a capacity sorts
 one-hot cumsum.
 """
 import torch
+import torch.nn.functional as F
 
-from moecompile.kernels import reference
+from moecompile.kernels import onednn, reference
 from moecompile.kernels.activations import (expert_activation, gate_activation, grad_buffer, is_stacked, per_expert,
                                            split_gate_up)
 from moecompile.kernels.padded import Padded
@@ -173,7 +174,9 @@ def expert_ffn_forward(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused
     N, F1, F_ = x_perm.shape[0], w1[0].shape[-2], w2[0].shape[-1]
     empty = (x_perm.new_empty(0, F1), *(x_perm.new_empty(0, F_) for _ in range(3)))
     if not save and N * F1 > SMALL_ROWS:
-        return reference.expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit), *empty
+        linear = onednn.linear if onednn.takes(x_perm, w1[0]) else F.linear
+        y = reference.expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, linear)
+        return y, *empty
     live = row_blocks(counts)
     offs = _offsets(counts, live, x_perm if save else None)
     y, g1, u, a, h = whole_call_ffn(x_perm, live, offs, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit)
@@ -214,8 +217,18 @@ def row_blocks(counts):
     """(expert, first row, rows) of each expert with rows, from the per-expert row counts [E]: a host read
     (no device sync on CPU), and views are then taken of these blocks only (a split into all E blocks
     costs a view per expert, ~1 µs each, most of them empty at decode sizes)."""
+    return _blocks(counts.tolist())
+
+
+def _blocks_at(offs):
+    """row_blocks from _grouped_mm's offsets (the int32 end row of each expert's block)."""
+    ends = offs.tolist()
+    return _blocks([end - start for start, end in zip([0] + ends, ends)])
+
+
+def _blocks(sizes: list[int]):
     blocks, start = [], 0
-    for e, n in enumerate(counts.tolist()):
+    for e, n in enumerate(sizes):
         if n:
             blocks.append((e, start, n))
             start += n
@@ -267,6 +280,8 @@ def _grouped_linear(rows, live, offs, W, B, width):
     when `live` is None: grouped_mm_takes_all), one bmm over padded blocks where `offs` is a Padded."""
     if isinstance(offs, Padded) and B is None and torch.is_tensor(W):
         return offs.linear(rows, W)
+    if B is None and torch.is_tensor(W) and rows.shape[0] and onednn.takes(rows, W):  # before _grouped_mm
+        return onednn.grouped_linear(rows, live if live is not None else _blocks_at(offs), W)
     if torch.is_tensor(offs) and B is None and torch.is_tensor(W) and (live is None or _grouped_mm_takes(rows, W)):
         return torch._grouped_mm(rows, W, offs=offs)
     out = rows.new_empty(rows.shape[0], width)

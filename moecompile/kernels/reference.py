@@ -74,16 +74,17 @@ def dispatch(x, indices, num_experts, capacity, group_size, priority=None):
     return x[order // indices.shape[1]], order, counts
 
 
-def expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit):
-    """Each expert's FFN on its contiguous rows of x_perm [N, D] → [N, D]."""
+def expert_ffn(x_perm, counts, w1, w2, w3, b1, b2, b3, activation, fused, alpha, limit, linear=F.linear):
+    """Each expert's FFN on its contiguous rows of x_perm [N, D] → [N, D]. `linear` is F.linear's equal
+    (native.py passes oneDNN's where it takes the GEMMs)."""
     w1, w2, w3 = (per_expert(w, 3) for w in (w1, w2, w3))
     b1, b2, b3 = (per_expert(b, 2) for b in (b1, b2, b3))
     outs = []
     for e, xe in enumerate(x_perm.split(counts.tolist())):
-        g1 = F.linear(xe, w1[e], None if b1 is None else b1[e])
-        u = None if w3 is None else F.linear(xe, w3[e], None if b3 is None else b3[e])
+        g1 = linear(xe, w1[e], None if b1 is None else b1[e])
+        u = None if w3 is None else linear(xe, w3[e], None if b3 is None else b3[e])
         h = expert_activation(*split_gate_up(g1, u, fused), activation, alpha, limit)
-        outs.append(F.linear(h, w2[e], None if b2 is None else b2[e]))
+        outs.append(linear(h, w2[e], None if b2 is None else b2[e]))
     return torch.cat(outs)
 
 
