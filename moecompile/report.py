@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moecompile.ir.spec import MoESpec, dtype_name
-from moecompile.kernels import bagged, batched, onednn, padded
+from moecompile.kernels import bagged, batched, padded
 
 
 @dataclass
@@ -69,9 +69,9 @@ class MoELayer:
         backends = set(s.kernels.values())
         parts.append("kernels: " + (backends.pop() if len(backends) == 1 else
                                     " ".join(f"{op}={k}" for op, k in s.kernels.items())))
-        if s.kernels.get("expert_ffn") == "native" and onednn.ENABLED:
-            parts.append(f"fp32 expert GEMMs of weights of ≥ {onednn.MIN_WEIGHT * 4 // 2**20} MiB on oneDNN, not "
-                         "aten's BLAS (this CPU is not Intel's, or MOECOMPILE_CPU_GEMM=onednn)")
+        if s.onednn:
+            parts.append("expert GEMMs on oneDNN, not aten's BLAS (this CPU is not Intel's, or "
+                         f"MOECOMPILE_CPU_GEMM=onednn): {_onednn_calls(s)}")
         return ", ".join(parts)
 
 
@@ -121,7 +121,7 @@ def _batched_forms(s) -> list[str]:
         parts.append(f"decode path (gather + bmm){with_grad}: {one}{more}")
     if s.stacked_path:
         parts.append("on ≥ 2 threads without autograd, one bmm over all experts where most get rows"
-                     + (" (not where oneDNN takes the GEMMs)" if onednn.ENABLED else ""))
+                     + (" (not while oneDNN takes the GEMMs)" if s.onednn else ""))
     if s.kernels.get("expert_ffn") == "native" and s.num_experts >= padded.MIN_EXPERTS:
         parts.append(f"with autograd on ≥ 2 threads (fp32), {calls(padded.MOST_ROWS * s.num_experts)} whose "
                      f"experts get rows evenly (padding ≤ {padded.MOST_PADDING:g}×): expert GEMMs as bmm over rows "
@@ -134,6 +134,14 @@ def _batched_forms(s) -> list[str]:
                      f"{calls(one) if one >= s.route.top_k else 'none'} on one): experts as weighted sums of rows "
                      "of a copy of their weights (as many bytes again, made at the first such call)")
     return parts
+
+
+def _onednn_calls(s: MoESpec) -> str:
+    """Which of a block's expert GEMMs kernels/onednn.py takes (native.py's choice, by the block's weights)."""
+    if s.stacked_path and not s.expert.bias:
+        return "forward and input gradients (weight gradients on aten's)"
+    return "calls without autograd of many rows only (the expert weights are " + \
+        ("not stacked)" if not s.stacked_path else "biased)")
 
 
 def _capacity_details(s: MoESpec) -> str:

@@ -160,8 +160,17 @@ def test_the_stacked_form_steps_aside_for_onednn(counted, monkeypatch):
 
 
 def test_explain_says_where_expert_gemms_run(monkeypatch):
-    fast = moecompile.optimize(mixtral_block(), example_inputs=(torch.randn(1, 4, 32),))
+    """explain() names oneDNN for blocks whose weights it takes, at the size it takes (here every size, as
+    forced; by default 2 MiB per expert), and not where it is off or the weights are too small."""
+    def details():
+        fast = moecompile.optimize(mixtral_block(), example_inputs=(torch.randn(1, 4, 32),))
+        return moecompile.explain(fast).moe_layers[0].details
     monkeypatch.setattr(onednn, "ENABLED", True)
-    assert "on oneDNN" in moecompile.explain(fast).moe_layers[0].details
+    monkeypatch.setattr(onednn, "MIN_WEIGHT", 0)
+    assert "expert GEMMs on oneDNN" in details() and "forward and input gradients" in details()
+    assert "not while oneDNN takes the GEMMs" in details()
+    monkeypatch.setattr(onednn, "MIN_WEIGHT", 1 << 19)
+    assert "oneDNN" not in details()
+    monkeypatch.setattr(onednn, "MIN_WEIGHT", 0)
     monkeypatch.setattr(onednn, "ENABLED", False)
-    assert "oneDNN" not in moecompile.explain(fast).moe_layers[0].details
+    assert "oneDNN" not in details()

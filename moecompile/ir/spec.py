@@ -253,6 +253,7 @@ class MoESpec:
                                        # select_kernels: stacked weights, native kernels)
     fast_path: bool = False            # eager calls without autograd may take fast_path.fast_call (select_kernels)
     bag_slots: int = 0                 # ...and with tokens·k ≤ this, kernels/bagged.py (select_kernels); 0: never
+    onednn: bool = False               # its fp32 expert GEMMs run on oneDNN where native can (select_kernels)
     parallel: object | None = None     # runtime.expert_parallel.ExpertParallel, set by the expert_parallel pass
     shortcut: object | None = None     # passes.shortcut.Tap: the routed branch's input (ScMoE), else x itself
     expert_load: torch.Tensor | None = None  # [E] token-expert assignments counted in training forwards, when set

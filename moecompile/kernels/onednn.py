@@ -63,9 +63,13 @@ def available() -> bool:
 
 def takes(rows, W) -> bool:
     """Whether GEMMs of rows [N, in] with the experts' weights W (one expert's [out, in] or stacked [E, ...],
-    either orientation) run here: oneDNN chosen, fp32 on CPU, weights of MIN_WEIGHT elements or more."""
-    return (ENABLED and rows.dtype == torch.float32 and W.dtype == torch.float32 and rows.device.type == "cpu"
-            and W.shape[-1] * W.shape[-2] >= MIN_WEIGHT)
+    either orientation) run here: fp32 rows on CPU, and weights it takes (takes_weight)."""
+    return rows.dtype == torch.float32 and rows.device.type == "cpu" and takes_weight(W)
+
+
+def takes_weight(W) -> bool:
+    """Whether the experts' weights W take oneDNN: oneDNN chosen, fp32 on CPU, MIN_WEIGHT elements or more."""
+    return ENABLED and W.dtype == torch.float32 and W.device.type == "cpu" and W.shape[-1] * W.shape[-2] >= MIN_WEIGHT
 
 
 def grouped_linear(rows, live, W):

@@ -15,6 +15,7 @@ Pseudo-code:
         fast_path = a plain block (fast_path below): eager calls without autograd skip the op wrappers
         bag_slots = fast-path fp32 blocks, in model order while their weight copies fit in
                     options.decode_copy_bytes: SLOTS_PER_EXPERT·E (kernels/bagged.py); else 0
+        onednn = native expert kernel and first-layer weights kernels/onednn.py takes (for explain())
 
 Why these defaults: on CPU the native path (per-expert blocked GEMMs, fused activation backward, gathers
 instead of scatter-adds) is at least as fast as the reference (within noise) on every op of the large
@@ -28,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from moecompile.ir.spec import OPS
-from moecompile.kernels import bagged, why_no_triton
+from moecompile.kernels import bagged, onednn, why_no_triton
 from moecompile.kernels.activations import is_stacked
 from moecompile.passes.registry import CompileContext, register_pass
 
@@ -49,6 +50,8 @@ def select_kernels(ctx: CompileContext) -> None:
         spec.stacked_path = stacked_path(spec, lifted.block)
         spec.fast_path = fast_path(spec, lifted.block)
         spec.bag_slots, copy = bag_slots(spec, lifted.block, copy_left)
+        spec.onednn = (spec.kernels["expert_ffn"] == "native"
+                       and onednn.takes_weight(spec.weights.fetch(lifted.block)["w1"][0]))
         copy_left -= max(copy, 0)
         if copy < 0:
             spec.notes.append(f"no decode copy: its {-copy / 2**20:.1f} MiB exceed what optimize(decode_copy_bytes=) "
