@@ -122,7 +122,7 @@ def _batched_forms(s) -> list[str]:
     if s.stacked_path:
         parts.append("on ≥ 2 threads without autograd, one bmm over all experts where most get rows"
                      + (" (not while oneDNN takes the GEMMs)" if s.onednn else ""))
-    if s.kernels.get("expert_ffn") == "native" and s.num_experts >= padded.MIN_EXPERTS:
+    if s.kernels.get("expert_ffn") == "native" and s.num_experts >= padded.MIN_EXPERTS and not s.onednn:
         parts.append(f"with autograd on ≥ 2 threads (fp32), {calls(padded.MOST_ROWS * s.num_experts)} whose "
                      f"experts get rows evenly (padding ≤ {padded.MOST_PADDING:g}×): expert GEMMs as bmm over rows "
                      "padded per expert")
