@@ -124,8 +124,9 @@ def _batched_forms(s) -> list[str]:
                      + (" (not while oneDNN takes the GEMMs)" if s.onednn else ""))
     if s.kernels.get("expert_ffn") == "native" and s.num_experts >= padded.MIN_EXPERTS and not s.onednn:
         parts.append(f"with autograd on ≥ 2 threads (fp32), {calls(padded.MOST_ROWS * s.num_experts)} whose "
-                     f"experts get rows evenly (padding ≤ {padded.MOST_PADDING:g}×): expert GEMMs as bmm over rows "
-                     "padded per expert")
+                     f"experts get rows evenly (padded rows ≤ {padded.MOST_PADDING:g}× the rows + "
+                     f"{padded.SPARE_ROWS} per expert, rows for ≥ 3/4 of the experts): expert GEMMs as bmm over "
+                     "rows padded per expert")
     if s.fast_path:
         parts.append("eager calls without autograd skip the canonical ops' wrappers")
     if s.bag_slots >= s.route.top_k:

@@ -490,6 +490,21 @@ def test_padded_expert_gemms_equal_the_reference(threads, activation, fused, mon
     assert not grads["w1"][3].any()
 
 
+@pytest.mark.parametrize("sizes,pays", [
+    ([2] * 40 + [6] + [0] * 23, False),     # rows for 41 of 64 experts: the grouped GEMMs skip 23
+    ([2] * 56 + [6] * 8, True),             # 2.4x padding, but a few rows per expert: E·m ≤ 1.5·N + 4·E
+    ([8] * 60 + [17] * 4, False),           # 2.1x: 17·64 > 1.5·548 + 256
+    ([16] * 63 + [28], True),               # 1.75x at 16 rows per expert
+    ([32] * 63 + [56], False),              # 1.73x at 32: E·m > 1.5·N + 4·E
+    ([40] * 64, False),                     # more than 32 rows per expert on average
+])
+def test_padded_gemms_pay_by_rows_and_padding(sizes, pays, monkeypatch):
+    """Padded.pays: the padded rows E·m against 1.5·N + 4·E, rows for at least 3/4 of the experts."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    counts = torch.tensor(sizes)
+    assert padded.Padded.pays(native.row_blocks(counts), counts, torch.empty(int(counts.sum()), 4)) is pays
+
+
 def test_explain_names_the_padded_gemms(lifted):
     """explain() says which calls with autograd may take the padded GEMMs: blocks of 16 or more experts on the
     native kernels; with the reference kernels, none."""
