@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moecompile
-from moecompile.kernels import native, onednn, padded
+from moecompile.kernels import native, onednn
 from moecompile.kernels import reference as ref
 
 from test_small_paths import ROLES, close, expert_weights
@@ -98,27 +98,6 @@ def test_expert_ffn_on_onednn_is_the_references(T, path, activation, fused, bias
     assert close(grad_x, expected[0])
     for r, e in zip([r for r in ROLES if w[r] is not None], expected[1:]):
         assert close(grads[r], e), r
-
-
-def test_padded_gemms_step_aside_for_onednn(counted, monkeypatch):
-    """With autograd, many experts routed evenly take oneDNN's grouped GEMMs where it takes their weights,
-    not the bmm over padded rows (kernels/padded.py), and equal the reference."""
-    gen = torch.Generator().manual_seed(3)
-    E, D, F = 16, 8, 6
-    w = {r: None if t is None else t.detach() for r, t in expert_weights(E, D, F, "halves", False, gen).items()}
-    counts = torch.randint(3, 6, (E,), generator=gen)  # padding within what Padded.pays takes
-    x, lists = torch.randn(int(counts.sum()), D, generator=gen), [None if w[r] is None else [w[r]] for r in ROLES]
-    grad_y = torch.randn(x.shape, generator=gen)
-    made, init = [], padded.Padded.__init__
-    monkeypatch.setattr(padded.Padded, "__init__", lambda self, *a: made.append(1) or init(self, *a))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert padded.Padded.pays(native.row_blocks(counts), counts, x)
-    y, *saved = native.expert_ffn_forward(x, counts, *lists, "swiglu", "halves", 1.702, 7.0)
-    grad_x, grads = native.expert_ffn_backward(grad_y, x, counts, saved, *lists, "swiglu", "halves", 1.702, 7.0)
-    assert not made and counted
-    assert close(y, ref.expert_ffn(x, counts, *lists, "swiglu", "halves", 1.702, 7.0))
-    want_x, want = ref.expert_ffn_backward(grad_y, x, counts, saved, *lists, "swiglu", "halves", 1.702, 7.0)
-    assert close(grad_x, want_x) and close(grads["w1"], want["w1"]) and close(grads["w2"], want["w2"])
 
 
 def mixtral_block():

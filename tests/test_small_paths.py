@@ -7,7 +7,7 @@ import torch
 
 import moecompile
 from moecompile.ir import fast_path, lowering
-from moecompile.kernels import bagged, batched, native, padded
+from moecompile.kernels import bagged, batched, native, onednn, padded
 from moecompile.kernels import reference as ref
 
 ROLES = ("w1", "w2", "w3", "b1", "b2", "b3")
@@ -457,12 +457,21 @@ def test_bag_ffn_reads_the_tables_last_rows():
     assert close(got, reference_moe(x, weights, indices, w, E_, "swiglu", "halves"))
 
 
+@pytest.mark.parametrize("on_onednn", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("activation,fused", [("swiglu", "halves"), ("swiglu", ""), ("gelu", "")])
-def test_padded_expert_gemms_equal_the_reference(threads, activation, fused, monkeypatch):
+def test_padded_expert_gemms_equal_the_reference(threads, activation, fused, on_onednn, monkeypatch):
     """The expert FFN with autograd (native forward with save, and backward) on many experts of a few rows
-    each runs its GEMMs as bmm over rows padded per expert (padded.Padded, on two or more threads): outputs,
-    the input's and every weight's gradient equal the reference's, experts without rows getting zero."""
+    each runs its GEMMs as bmm over rows padded per expert (padded.Padded, on two or more threads), except
+    where oneDNN takes the experts' weights (forced here for every size): there its grouped GEMMs run. Either
+    way outputs, the input's and every weight's gradient equal the reference's, experts without rows getting
+    zero."""
+    if on_onednn and not onednn.available():
+        pytest.skip("this torch build has no oneDNN")
+    linear_calls, linear = [], onednn._LINEAR
+    monkeypatch.setattr(onednn, "ENABLED", on_onednn)
+    monkeypatch.setattr(onednn, "MIN_WEIGHT", 0)
+    monkeypatch.setattr(onednn, "_LINEAR", lambda *a: linear_calls.append(1) or linear(*a))
     gen = torch.Generator().manual_seed(threads)
     E, D, F = 16, 8, 6
     w = {r: None if t is None else t.detach() for r, t in expert_weights(E, D, F, fused, False, gen).items()}
@@ -482,7 +491,8 @@ def test_padded_expert_gemms_equal_the_reference(threads, activation, fused, mon
         grad_x, grads = native.expert_ffn_backward(grad_y, x, counts, saved, *lists, activation, fused, 1.702, 7.0)
     finally:
         torch.set_num_threads(before)
-    assert len(made) == (2 if threads > 1 else 0)  # forward and backward, on two threads only
+    assert len(made) == (2 if threads > 1 and not on_onednn else 0)  # forward and backward, on two threads only
+    assert bool(linear_calls) == on_onednn
     want_y = ref.expert_ffn(x, counts, *lists, activation, fused, 1.702, 7.0)
     want_x, want = ref.expert_ffn_backward(grad_y, x, counts, saved, *lists, activation, fused, 1.702, 7.0)
     assert close(y, want_y) and close(grad_x, want_x)
@@ -493,9 +503,9 @@ def test_padded_expert_gemms_equal_the_reference(threads, activation, fused, mon
 @pytest.mark.parametrize("sizes,pays", [
     ([2] * 40 + [6] + [0] * 23, False),     # rows for 41 of 64 experts: the grouped GEMMs skip 23
     ([2] * 56 + [6] * 8, True),             # 2.4x padding, but a few rows per expert: E·m ≤ 1.5·N + 4·E
-    ([8] * 60 + [17] * 4, False),           # 2.1x: 17·64 > 1.5·548 + 256
-    ([16] * 63 + [28], True),               # 1.75x at 16 rows per expert
-    ([32] * 63 + [56], False),              # 1.73x at 32: E·m > 1.5·N + 4·E
+    ([8] * 60 + [17] * 4, False),           # 2.0x at 8 rows: 17·64 > 1.5·548 + 256
+    ([16] * 63 + [28], True),               # 1.73x at 16 rows per expert: 28·64 ≤ 1.5·1036 + 256
+    ([32] * 63 + [56], False),              # 1.73x at 32: 56·64 > 1.5·2072 + 256
     ([40] * 64, False),                     # more than 32 rows per expert on average
 ])
 def test_padded_gemms_pay_by_rows_and_padding(sizes, pays, monkeypatch):
